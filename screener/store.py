@@ -1,0 +1,634 @@
+"""HDF5 shards of graphs and predictions, the manifest that lists complete ones, and queries.
+
+A results directory holds ``manifest.json``, ``graphs/graphs-XXXXX.h5`` and
+``predictions/predictions-XXXXX.h5`` (layout: schemas/shards.json). A shard is written to
+``<name>.h5.tmp`` and renamed when complete, so a file under its final name is whole; the
+manifest records its size and sha256 so later damage is caught and names the file.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import h5py
+import numpy as np
+
+from screener.dos import ENERGY_GRID
+
+if TYPE_CHECKING:
+    from screener.structures import Failure, Structure
+
+SCHEMA_VERSION = 1
+KINDS = ("graphs", "predictions")
+MANIFEST = "manifest.json"
+STR = np.str_
+# A prediction shard's table is its graph shard's table plus the spectral columns.
+GRAPH_COLUMNS: dict[str, Any] = {"ids": STR, "source": STR, "formula": STR, "elements": STR,
+                                 "n_atoms": np.int32}
+PREDICTION_COLUMNS: dict[str, Any] = {**GRAPH_COLUMNS, "band_gap": np.float32, "vbm": np.float32,
+                                      "cbm": np.float32, "dos_at_ef": np.float32, "dos": np.float32}
+FAILURE_FIELDS = ("ids", "sources", "stages", "reasons")
+RECORD_KEYS = ("kind", "n", "n_failed", "ids_sha256", "size", "sha256")
+REQUIRED_ATTRS = ("model_id", "model_hash")
+# Graph shards are an internal hand-off read back once by this code: lzf writes ~1.6x faster
+# than gzip-4 at equal read speed (real JARVIS graphs), and the 1.5x larger file is immaterial.
+# Prediction shards are the user-facing result: gzip is in every HDF5 build, lzf only in h5py.
+GRAPH_FILTER = {"compression": "lzf"}
+PREDICTION_FILTER = {"compression": "gzip", "compression_opts": 4}
+DOS_CHUNK_ROWS = 256
+
+
+class SchemaError(Exception):
+    """A file that is not a readable shard of this schema: foreign, damaged or another version."""
+
+
+def shard_name(kind: str, index: int) -> str:
+    """Name of chunk `index`'s shard relative to the results dir, so a resumed run finds it."""
+    if kind not in KINDS:
+        raise ValueError(f"shard kind must be one of {KINDS}, not {kind!r}")
+    return f"{kind}/{kind}-{index:05d}.h5"
+
+
+def ids_digest(ids: Iterable[str]) -> str:
+    """Order-free sha256 of a chunk's ids, so a resumed run can tell its input changed."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _screener_version() -> str:
+    try:
+        return metadata.version("dos-screener")
+    except metadata.PackageNotFoundError:  # running from a source checkout
+        return "unknown"
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: Path, final: Path) -> None:
+    """fsync the data before the rename and the directory after it: a crash leaves old or new."""
+    _fsync(tmp)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+
+
+class ShardWriter:
+    """Context manager yielding an open h5py.File that appears under `path` only when complete.
+
+    Writes ``<path>.tmp``; a clean exit closes, fsyncs and renames it, an exception (or a file
+    that does not read back as a shard) deletes it.
+    After the block, ``info`` holds the manifest record (n, n_failed, size, sha256, ...).
+    """
+
+    def __init__(self, path: str | Path, kind: str, attrs: dict[str, Any]):
+        if kind not in KINDS:
+            raise ValueError(f"shard kind must be one of {KINDS}, not {kind!r}")
+        missing = [key for key in REQUIRED_ATTRS if key not in attrs]
+        if missing:
+            raise ValueError(f"{path}: {kind} shard attrs lack {missing}")
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.attrs = {**attrs, "schema_version": SCHEMA_VERSION, "kind": kind,
+                      "screener_version": _screener_version(),
+                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.info: dict[str, Any] | None = None
+
+    def __enter__(self) -> h5py.File:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(self.tmp, "w")
+        self.file.attrs.update(self.attrs)
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.file.close()
+        try:
+            if exc_type is None:
+                self.info = shard_info(self.tmp)  # also proves it reads back as a shard
+                _replace_durably(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _create(group: h5py.Group, name: str, data: np.ndarray, filters: dict) -> None:
+    """Create a dataset; str arrays become variable-length UTF-8, empty ones skip the filter."""
+    if data.dtype.kind in "UO":
+        group.create_dataset(name, data=data.astype(object), dtype=h5py.string_dtype())
+    elif data.size == 0:
+        group.create_dataset(name, data=data)
+    else:
+        group.create_dataset(name, data=data, **filters)
+
+
+def _read(dataset: h5py.Dataset) -> np.ndarray:
+    if h5py.check_string_dtype(dataset.dtype) is not None:
+        return np.asarray(dataset.asstr()[()], dtype=STR)
+    return dataset[()]
+
+
+def write_graphs(group: h5py.Group, graphs: list[dict]) -> None:
+    """Ragged graphs as concatenated arrays plus offsets: one dataset per field, not per graph.
+
+    Neighbours are stored local to their structure, so reading a graph needs no re-indexing.
+    Line-graph offsets are edge offsets times (k - 1) and are not stored.
+    """
+    n_nodes = np.array([len(g["numbers"]) for g in graphs], dtype=np.int64)
+    n_edges = np.array([len(g["neighbors"]) for g in graphs], dtype=np.int64)
+    k = int(n_edges[0] // n_nodes[0]) if graphs else 0
+    for i, g in enumerate(graphs):
+        if (n_edges[i] != n_nodes[i] * k or g["edge_vec"].shape != (n_edges[i], 3)
+                or len(g["angle_cos"]) != n_edges[i] * (k - 1)):
+            raise ValueError(f"graph {i} is not shaped for k={k} neighbours: n={n_nodes[i]}, "
+                             f"neighbors {len(g['neighbors'])}, edge_vec {g['edge_vec'].shape}, "
+                             f"angle_cos {len(g['angle_cos'])}")
+    group.attrs["k"] = k
+    _create(group, "node_offsets", np.concatenate([[0], np.cumsum(n_nodes)]), {})
+    _create(group, "edge_offsets", np.concatenate([[0], np.cumsum(n_edges)]), {})
+    fields = {"numbers": np.uint8, "neighbors": np.int32, "edge_vec": np.float32,
+              "angle_cos": np.float32}
+    for name, dtype in fields.items():
+        parts = [np.asarray(g[name], dtype=dtype) for g in graphs]
+        empty = np.empty((0, 3) if name == "edge_vec" else 0, dtype)
+        _create(group, name, np.concatenate(parts) if parts else empty, GRAPH_FILTER)
+
+
+def read_graphs(group: h5py.Group, indices: Sequence[int] | np.ndarray | None = None) -> list[dict]:
+    """Inverse of write_graphs: one contiguous read per field, split with the offsets.
+
+    `indices` selects structures (any order); the span they cover is read once.
+    """
+    k = int(group.attrs["k"])
+    node_offsets = group["node_offsets"][()]
+    edge_offsets = group["edge_offsets"][()]
+    n = len(node_offsets) - 1
+    if (node_offsets[-1] != len(group["numbers"]) or edge_offsets[-1] != len(group["neighbors"])
+            or len(group["angle_cos"]) != edge_offsets[-1] * (k - 1)
+            or not np.array_equal(edge_offsets, node_offsets * k)):
+        raise SchemaError(f"{group.file.filename}: graph arrays disagree with their offsets")
+    picks = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
+    if len(picks) == 0:
+        return []
+    if picks.min() < 0 or picks.max() >= n:
+        raise IndexError(f"{group.file.filename}: indices out of range for {n} graphs")
+    lo, hi = int(picks.min()), int(picks.max()) + 1
+    offsets = {"numbers": node_offsets, "neighbors": edge_offsets, "edge_vec": edge_offsets,
+               "angle_cos": edge_offsets * (k - 1)}
+    dtypes = {"numbers": np.int64, "neighbors": np.int64, "edge_vec": np.float32,
+              "angle_cos": np.float32}
+    split = {}
+    for name, off in offsets.items():
+        data = group[name][off[lo]:off[hi]].astype(dtypes[name], copy=False)
+        split[name] = np.split(data, off[lo + 1:hi] - off[lo])
+    return [{name: parts[i - lo] for name, parts in split.items()} for i in picks]
+
+
+def _write_failures(f: h5py.File, failures: Sequence[Failure]) -> None:
+    group = f.create_group("failures")
+    for name, field in zip(FAILURE_FIELDS, ("id", "source", "stage", "reason")):
+        _create(group, name, np.array([getattr(x, field) for x in failures], dtype=STR), {})
+
+
+def _read_failures(f: h5py.File) -> list[Failure]:
+    from screener.structures import Failure  # lazily: keeps jarvis-tools out of plain queries
+
+    columns = [_read(f["failures"][name]) for name in FAILURE_FIELDS]
+    return [Failure(id=str(i), source=str(s), stage=str(t), reason=str(r))
+            for i, s, t, r in zip(*columns)]
+
+
+def _columns(table: dict[str, Any], spec: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
+    """Cast a table to the schema's dtypes, refusing missing, unknown or ragged columns."""
+    if set(table) != set(spec):
+        raise ValueError(f"{path}: columns {sorted(table)} differ from the schema's "
+                         f"{sorted(spec)}")
+    columns = {name: np.asarray(table[name], dtype=dtype) for name, dtype in spec.items()}
+    lengths = {name: len(col) for name, col in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{path}: columns have different lengths {lengths}")
+    return columns
+
+
+def elements_of(formula: str) -> str:
+    """Sorted unique element symbols of a formula, space separated ("Al2O3" -> "Al O")."""
+    return " ".join(sorted(set(re.findall(r"[A-Z][a-z]*", formula))))
+
+
+def write_graph_shard(path: str | Path, structures: Sequence[Structure], graphs: list[dict],
+                      failures: Sequence[Failure], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write one chunk's graphs (graphs[i] of structures[i]) and failures.
+
+    Of a structure only id, source and formula are kept: the graph holds the rest.
+    Returns the manifest record for Manifest.add.
+    """
+    if len(structures) != len(graphs):
+        raise ValueError(f"{path}: {len(structures)} structures for {len(graphs)} graphs")
+    table = {"ids": [s.id for s in structures], "source": [s.source for s in structures],
+             "formula": [s.formula for s in structures],
+             "elements": [elements_of(s.formula) for s in structures],
+             "n_atoms": [len(g["numbers"]) for g in graphs]}
+    columns = _columns(table, GRAPH_COLUMNS, Path(path))
+    writer = ShardWriter(path, "graphs", meta)
+    with writer as f:
+        for name, col in columns.items():
+            _create(f, name, col, {})
+        write_graphs(f.create_group("graphs"), graphs)
+        _write_failures(f, failures)
+    return writer.info
+
+
+def empty_prediction_table() -> dict[str, np.ndarray]:
+    """Zero rows of every prediction column, for a chunk in which nothing was predicted."""
+    return {name: np.empty((0, len(ENERGY_GRID)) if name == "dos" else 0, dtype)
+            for name, dtype in PREDICTION_COLUMNS.items()}
+
+
+def write_prediction_shard(path: str | Path, table: dict[str, Any], failures: Sequence[Failure],
+                           attrs: dict[str, Any]) -> dict[str, Any]:
+    """Write one chunk's predictions (the columns of PREDICTION_COLUMNS).
+
+    `attrs` may carry the model's own energy_grid; dos.ENERGY_GRID otherwise.
+    Returns the manifest record for Manifest.add.
+    """
+    attrs = {"energy_grid": ENERGY_GRID, **attrs}
+    writer = ShardWriter(path, "predictions", attrs)
+    columns = _columns(table, PREDICTION_COLUMNS, Path(path))
+    n, width = len(columns["ids"]), len(attrs["energy_grid"])
+    if columns["dos"].shape != (n, width):
+        raise ValueError(f"{path}: dos has shape {columns['dos'].shape}, expected ({n}, {width}) "
+                         "for the energy grid")
+    with writer as f:
+        for name, col in columns.items():
+            chunks = (min(n, DOS_CHUNK_ROWS), width) if name == "dos" else True
+            _create(f, name, col, {**PREDICTION_FILTER, "chunks": chunks})
+        _write_failures(f, failures)
+    return writer.info
+
+
+@contextmanager
+def _open_shard(path: str | Path, kind: str | None = None, info: dict | None = None,
+                verify: bool = False, model_hash: str | None = None) -> Iterator[h5py.File]:
+    """Open a shard read-only after checking it is one; read errors inside become SchemaError.
+
+    `info` (the manifest record) adds a size check, and with `verify` a sha256 check.
+    Complete shards never change, so no file lock is taken (locks fail on many shared filesystems).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"{path}: no such shard file")
+    if info is not None:
+        size = path.stat().st_size
+        if size != info["size"]:
+            raise SchemaError(f"{path}: {size} bytes but the manifest recorded {info['size']}: "
+                              "truncated or replaced after it was written")
+        if verify and file_sha256(path) != info["sha256"]:
+            raise SchemaError(f"{path}: sha256 differs from the manifest: damaged after writing")
+    if not h5py.is_hdf5(path):
+        raise SchemaError(f"{path}: not an HDF5 file")
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as err:
+        raise SchemaError(f"{path}: unreadable HDF5 (truncated or damaged): {err}") from err
+    with f:
+        attrs = f.attrs
+        if "schema_version" not in attrs or "kind" not in attrs:
+            raise SchemaError(f"{path}: HDF5 file without schema_version/kind attributes: "
+                              "not a dos-screener shard")
+        if attrs["schema_version"] != SCHEMA_VERSION:
+            raise SchemaError(f"{path}: schema version {attrs['schema_version']}, this screener "
+                              f"reads version {SCHEMA_VERSION}")
+        if kind is not None and attrs["kind"] != kind:
+            raise SchemaError(f"{path}: a {attrs['kind']!r} shard where a {kind!r} shard was "
+                              "expected")
+        if model_hash is not None and attrs.get("model_hash") != model_hash:
+            raise SchemaError(f"{path}: written by model hash {attrs.get('model_hash')!r}, "
+                              f"expected {model_hash!r}")
+        try:
+            yield f
+        except (OSError, KeyError) as err:
+            raise SchemaError(f"{path}: damaged or incomplete shard: {err}") from err
+
+
+def shard_info(path: str | Path) -> dict[str, Any]:
+    """The manifest record of a complete shard, also for registering one found after a crash."""
+    with _open_shard(path) as f:
+        ids = list(_read(f["ids"])) + list(_read(f["failures/ids"]))
+        record = {"kind": str(f.attrs["kind"]), "n": len(f["ids"]),
+                  "n_failed": len(f["failures/ids"]), "ids_sha256": ids_digest(ids)}
+    return {**record, "size": Path(path).stat().st_size, "sha256": file_sha256(path)}
+
+
+def read_graph_shard(path: str | Path, info: dict | None = None, verify: bool = False
+                     ) -> tuple[dict[str, np.ndarray], list[dict], list[Failure]]:
+    """The table (GRAPH_COLUMNS), graphs and failures of one graph shard.
+
+    The table is what a prediction shard's table starts from.
+    """
+    with _open_shard(path, "graphs", info, verify) as f:
+        table = {name: _read(f[name]) for name in GRAPH_COLUMNS}
+        return table, read_graphs(f["graphs"]), _read_failures(f)
+
+
+class Manifest:
+    """manifest.json: the run config and the complete shards, rewritten atomically on each add.
+
+    One writer (the driver) at a time; readers need no lock because the file is replaced by rename.
+    """
+
+    def __init__(self, results_dir: str | Path, config: dict[str, Any],
+                 shards: dict[str, dict[str, Any]]):
+        self.dir = Path(results_dir)
+        self.config = config
+        self.shards = shards
+
+    @classmethod
+    def create(cls, results_dir: str | Path, config: dict[str, Any]) -> Manifest:
+        """Start a results dir; shards from any earlier run there are no longer listed."""
+        manifest = cls(results_dir, dict(config), {})
+        manifest.dir.mkdir(parents=True, exist_ok=True)
+        manifest._save()
+        return manifest
+
+    @classmethod
+    def load(cls, results_dir: str | Path) -> Manifest:
+        path = Path(results_dir) / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SchemaError(f"{path}: missing: not a results directory") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SchemaError(f"{path}: not valid JSON: {err}") from err
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            found = data.get("schema_version") if isinstance(data, dict) else None
+            raise SchemaError(f"{path}: schema version {found!r}, this screener reads "
+                              f"version {SCHEMA_VERSION}")
+        return cls(results_dir, data["config"], data["shards"])
+
+    @classmethod
+    def open(cls, results_dir: str | Path, config: dict[str, Any]) -> Manifest:
+        """The manifest a run writes to: a new one, or the existing one when resuming.
+
+        Resuming with a different config (another model, another input) is refused, because the
+        shards already listed would silently mix with the new ones.
+        """
+        config = json.loads(json.dumps(config))  # compare as stored: tuples become lists
+        if not (Path(results_dir) / MANIFEST).exists():
+            return cls.create(results_dir, config)
+        manifest = cls.load(results_dir)
+        changed = {key: (manifest.config.get(key), value) for key, value in config.items()
+                   if manifest.config.get(key) != value}
+        if changed:
+            raise SchemaError(f"{manifest.dir / MANIFEST}: made by a run with other settings "
+                              f"(was, now): {changed}; use a new results directory")
+        return manifest
+
+    def add(self, name: str, info: dict[str, Any]) -> None:
+        """Record a complete shard by its name relative to the results dir (see shard_name).
+
+        `info` is the record a write_*_shard returned (or shard_info); extra keys are kept.
+        """
+        missing = [key for key in RECORD_KEYS if key not in info]
+        if missing or info["kind"] not in KINDS:
+            raise ValueError(f"{name}: manifest record lacks {missing} or its kind: {info}")
+        self.shards[name] = dict(info)
+        self._save()
+
+    def has(self, name: str, ids_sha256: str | None = None) -> bool:
+        """Whether shard `name` is complete (and, given a digest, made from those same ids)."""
+        info = self.shards.get(name)
+        return info is not None and ids_sha256 in (None, info["ids_sha256"])
+
+    def complete(self, kind: str) -> list[str]:
+        """Names of the complete shards of `kind` in chunk order."""
+        return sorted((name for name, info in self.shards.items() if info["kind"] == kind),
+                      key=lambda name: (len(name), name))
+
+    def _save(self) -> None:
+        path = self.dir / MANIFEST
+        tmp = path.with_name(MANIFEST + ".tmp")
+        data = {"schema_version": SCHEMA_VERSION, "config": self.config, "shards": self.shards}
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        _replace_durably(tmp, path)
+
+
+def _complete(results_dir: str | Path, kind: str) -> list[tuple[Path, dict]]:
+    manifest = Manifest.load(results_dir)
+    return [(manifest.dir / name, manifest.shards[name]) for name in manifest.complete(kind)]
+
+
+def _concat(shards: list[tuple[Path, dict]], names: list[str], verify: bool,
+            model_hash: str | None) -> dict[str, np.ndarray]:
+    parts = []
+    for path, info in shards:
+        with _open_shard(path, "predictions", info, verify, model_hash) as f:
+            parts.append({name: _read(f[name]) for name in names})
+    if not parts:
+        empty = empty_prediction_table()
+        return {name: empty[name] for name in names}
+    return {name: np.concatenate([part[name] for part in parts]) for name in names}
+
+
+def read_predictions(results_dir: str | Path, columns: Iterable[str] | None = None,
+                     verify: bool = False, model_hash: str | None = None) -> dict[str, np.ndarray]:
+    """Columns of all complete prediction shards, concatenated in chunk order.
+
+    Only shards the manifest lists are read, so this is safe while a run is still writing.
+    """
+    names = list(PREDICTION_COLUMNS if columns is None else columns)
+    unknown = set(names) - set(PREDICTION_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown prediction columns {sorted(unknown)}; known: "
+                         f"{list(PREDICTION_COLUMNS)}")
+    return _concat(_complete(results_dir, "predictions"), names, verify, model_hash)
+
+
+def find_prediction(results_dir: str | Path, structure_id: str) -> dict[str, Any]:
+    """Every column of one structure's prediction, reading only the ids of the other shards."""
+    for path, info in _complete(results_dir, "predictions"):
+        with _open_shard(path, "predictions", info) as f:
+            hits = np.flatnonzero(_read(f["ids"]) == structure_id)
+            if hits.size:
+                row = {name: _read(f[name])[hits[0]] for name in PREDICTION_COLUMNS if name != "dos"}
+                return {**row, "dos": f["dos"][hits[0]]}
+    raise KeyError(f"{structure_id!r} has no prediction in {results_dir}")
+
+
+def read_failures(results_dir: str | Path, verify: bool = False) -> list[Failure]:
+    """Failure records of all complete shards, graph shards first; exact repeats dropped."""
+    failures: list[Failure] = []
+    for kind in KINDS:
+        for path, info in _complete(results_dir, kind):
+            with _open_shard(path, kind, info, verify) as f:
+                failures += _read_failures(f)
+    return list(dict.fromkeys(failures))
+
+
+def _read_rows(shards: list[tuple[Path, dict]], names: list[str], rows: np.ndarray,
+               verify: bool, model_hash: str | None) -> dict[str, np.ndarray]:
+    """Columns at global row numbers (any order), opening only the shards that hold some."""
+    parts, found, start = [], [], 0
+    for path, info in shards:
+        local = np.sort(rows[(rows >= start) & (rows < start + info["n"])] - start)
+        if len(local):
+            with _open_shard(path, "predictions", info, verify, model_hash) as f:
+                parts.append({name: _read(f[name])[local] for name in names})
+            found.append(local + start)
+        start += info["n"]
+    if not parts:
+        empty = empty_prediction_table()
+        return {name: empty[name] for name in names}
+    where = np.searchsorted(np.concatenate(found), rows)
+    return {name: np.concatenate([part[name] for part in parts])[where] for name in names}
+
+
+def _in_range(values: np.ndarray, bounds: tuple[float | None, float | None]) -> np.ndarray:
+    """Inclusive at the stored precision: a bound of 1.4 keeps a float32 1.4."""
+    lo, hi = bounds
+    keep = np.ones(len(values), dtype=bool)
+    if lo is not None:
+        keep &= values >= values.dtype.type(lo)
+    if hi is not None:
+        keep &= values <= values.dtype.type(hi)
+    return keep
+
+
+def _order(values: np.ndarray, descending: bool) -> np.ndarray:
+    """Stable sort order; ties keep their stored order in both directions."""
+    if not descending:
+        return np.argsort(values, kind="stable")
+    return (len(values) - 1 - np.argsort(values[::-1], kind="stable"))[::-1]
+
+
+def query(results_dir: str | Path, bandgap: tuple[float | None, float | None] | None = None,
+          elements: Iterable[str] = (), exclude: Iterable[str] = (), formula: str | None = None,
+          dos_at_ef: tuple[float | None, float | None] | None = None,
+          n_atoms: tuple[int | None, int | None] | None = None, sort: str | None = "band_gap",
+          limit: int | None = None, with_dos: bool = False,
+          verify: bool = False, model_hash: str | None = None) -> dict[str, np.ndarray]:
+    """Rows of the complete predictions that pass every filter, sorted, at most `limit`.
+
+    Ranges are inclusive (lo, hi) with None for an open end; `elements` must all be present,
+    none of `exclude` may be; `sort` names a column, '-' prefix for descending, None keeps
+    chunk order. Only the filter and sort columns are read for every row; the other columns,
+    and the dos matrix when `with_dos`, only from shards holding a returned row.
+    """
+    columns = [c for c in PREDICTION_COLUMNS if c != "dos"]
+    sort_by = None if sort is None else sort.removeprefix("-")
+    if sort_by is not None and sort_by not in columns:
+        raise ValueError(f"cannot sort by {sort_by!r}; columns: {columns}")
+    symbols = [(e, True) for e in _symbols(elements)] + [(e, False) for e in _symbols(exclude)]
+    ranges = {"band_gap": bandgap, "dos_at_ef": dos_at_ef, "n_atoms": n_atoms}
+    ranges = {column: bounds for column, bounds in ranges.items() if bounds is not None}
+    wanted = {*ranges, sort_by, "formula" if formula is not None else None,
+              "elements" if symbols else None}
+    filtered = [c for c in columns if c in wanted]
+
+    shards = _complete(results_dir, "predictions")  # once: a running job may add shards
+    table = _concat(shards, filtered, verify, model_hash)
+    keep = np.ones(sum(info["n"] for _, info in shards), dtype=bool)
+    for column, bounds in ranges.items():
+        keep &= _in_range(table[column], bounds)
+    if formula is not None:
+        keep &= table["formula"] == formula
+    if symbols:
+        padded = np.char.add(np.char.add(" ", table["elements"]), " ")
+        for symbol, present in symbols:
+            keep &= (np.char.find(padded, f" {symbol} ") >= 0) == present
+    rows = np.flatnonzero(keep)
+    if sort_by is not None:
+        rows = rows[_order(table[sort_by][rows], sort.startswith("-"))]
+    rows = rows[:limit]
+    rest = [c for c in columns if c not in filtered] + (["dos"] if with_dos else [])
+    found = {**{c: table[c][rows] for c in filtered},
+             **_read_rows(shards, rest, rows, verify, model_hash)}
+    return {c: found[c] for c in [*columns, "dos"] if c in found}
+
+
+def _symbols(elements: Iterable[str]) -> list[str]:
+    """Element symbols from a list or one space/comma separated string ("Al O", "Al,O")."""
+    if isinstance(elements, str):
+        return elements.replace(",", " ").split()
+    return list(elements)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "nan" if np.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def format_table(rows: dict[str, np.ndarray], columns: Sequence[str] | None = None) -> str:
+    """Aligned text table of 1-D columns (all of them by default): numbers right, text left."""
+    columns = [c for c in rows if np.ndim(rows[c]) == 1] if columns is None else list(columns)
+    cells = [[_cell(v) for v in rows[c]] for c in columns]
+    widths = [max([len(c), *map(len, col)]) for c, col in zip(columns, cells)]
+    numeric = [rows[c].dtype.kind in "iuf" for c in columns]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    body = [line(row) for row in zip(*cells)]
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *body])
+
+
+def write_csv(rows: dict[str, np.ndarray], path_or_stream: str | Path | IO[str],
+              columns: Sequence[str] | None = None) -> None:
+    """CSV of the rows; a 2-D column such as dos becomes columns name_0, name_1, ..."""
+    columns = list(rows) if columns is None else list(columns)
+    header, blocks = [], []
+    for c in columns:
+        block = np.asarray(rows[c])
+        if block.ndim == 2:
+            header += [f"{c}_{j}" for j in range(block.shape[1])]
+            blocks.append(block)
+        else:
+            header.append(c)
+            blocks.append(block[:, None])
+    if isinstance(path_or_stream, (str, Path)):
+        with open(path_or_stream, "w", newline="") as fh:
+            _write_csv_rows(fh, header, blocks)
+    else:
+        _write_csv_rows(path_or_stream, header, blocks)
+
+
+def _write_csv_rows(stream: IO[str], header: list[str], blocks: list[np.ndarray]) -> None:
+    writer = csv.writer(stream)
+    writer.writerow(header)
+    n = len(blocks[0]) if blocks else 0
+    for i in range(n):
+        writer.writerow([_plain(v) for block in blocks for v in block[i]])
+
+
+def _plain(value: Any) -> Any:
+    """A JSON/CSV-ready Python value; float32 keeps its shortest repr (1.3, not 1.2999999523)."""
+    if isinstance(value, np.floating):
+        return None if np.isnan(value) else float(str(value))
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def to_json(rows: dict[str, np.ndarray]) -> str:
+    """JSON list of row objects (2-D columns as lists), the form jq and pandas read directly."""
+    n = len(next(iter(rows.values()))) if rows else 0
+    records = [{c: ([_plain(v) for v in col[i]] if np.ndim(col) == 2 else _plain(col[i]))
+                for c, col in rows.items()} for i in range(n)]
+    return json.dumps(records, indent=1)

@@ -1,0 +1,436 @@
+"""HDF5 shards, manifest and queries on real files in tmp_path; real JARVIS spectra."""
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from screener import store
+from screener.dos import ENERGY_GRID, band_gap, dos_at_ef
+from screener.store import Manifest, SchemaError, ShardWriter, shard_name
+from screener.structures import Failure, Structure, discover, load
+
+K = 16
+ATTRS = {"model_id": "test-model", "model_hash": "a" * 64}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def named(path: Path, pattern: str) -> str:
+    """A regex for an error message that names `path` and then matches `pattern`."""
+    return re.escape(str(path)) + pattern
+
+
+def random_graph(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """A graph shaped by the screener.graphs contract, with random contents."""
+    return {
+        "numbers": rng.integers(1, 95, n).astype(np.int64),
+        "neighbors": rng.integers(0, n, n * K).astype(np.int64),
+        "edge_vec": rng.normal(size=(n * K, 3)).astype(np.float32),
+        "angle_cos": rng.uniform(-1, 1, n * K * (K - 1)).astype(np.float32),
+    }
+
+
+def structure_for(graph: dict, i: int) -> Structure:
+    n = len(graph["numbers"])
+    return Structure(f"S-{i}", f"in.json[{i}]", 5 * np.eye(3), np.zeros((n, 3)), graph["numbers"])
+
+
+def graph_chunk(seed: int = 0, n: int = 7):
+    rng = np.random.default_rng(seed)
+    graphs = [random_graph(rng, int(m)) for m in rng.integers(1, 12, n)]
+    return [structure_for(g, i) for i, g in enumerate(graphs)], graphs
+
+
+FAILURES = [Failure("bad-1", "dir/POSCAR-bad-1", "read", "line 3: expected 3 lattice numbers"),
+            Failure("bad-2", "in.json[9]", "graph", "fewer than 16 neighbours within 8 A")]
+
+
+def prediction_table(**columns) -> dict[str, np.ndarray]:
+    """A full prediction table from a few given columns; dos row i is filled with i."""
+    n = len(columns["ids"])
+    table = {"source": [f"src-{i}" for i in columns["ids"]], "formula": ["X"] * n,
+             "elements": ["X"] * n, "n_atoms": np.ones(n), "band_gap": np.zeros(n),
+             "vbm": np.zeros(n), "cbm": np.zeros(n), "dos_at_ef": np.zeros(n),
+             "dos": np.repeat(np.arange(n, dtype=np.float32)[:, None], len(ENERGY_GRID), 1)}
+    return {**table, **columns}
+
+
+def add_predictions(results: Path, index: int, table: dict, failures=()) -> Path:
+    path = results / shard_name("predictions", index)
+    info = store.write_prediction_shard(path, table, list(failures), ATTRS)
+    Manifest.load(results).add(shard_name("predictions", index), info)
+    return path
+
+
+def test_graphs_round_trip_and_selection(tmp_path):
+    _, graphs = graph_chunk(n=9)
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        store.write_graphs(f.create_group("graphs"), graphs)
+    with h5py.File(tmp_path / "g.h5", "r") as f:
+        back = store.read_graphs(f["graphs"])
+        picked = store.read_graphs(f["graphs"], [5, 1, 5])
+        assert store.read_graphs(f["graphs"], []) == []
+    for want, got in zip(graphs + [graphs[5], graphs[1], graphs[5]], back + picked):
+        assert set(got) == set(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype, key
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_write_graphs_refuses_graph_not_shaped_for_k(tmp_path):
+    _, graphs = graph_chunk(n=3)
+    graphs[2]["angle_cos"] = graphs[2]["angle_cos"][:-1]
+    with h5py.File(tmp_path / "g.h5", "w") as f, pytest.raises(ValueError, match="graph 2"):
+        store.write_graphs(f.create_group("graphs"), graphs)
+
+
+def test_graph_shard_round_trip_with_attrs_and_record(tmp_path):
+    structures, graphs = graph_chunk()
+    path = tmp_path / shard_name("graphs", 3)
+    info = store.write_graph_shard(path, structures, graphs, FAILURES, {**ATTRS, "k": K})
+
+    table, back, failures = store.read_graph_shard(path, info, verify=True)
+    assert list(table["ids"]) == [s.id for s in structures]
+    assert list(table["source"]) == [s.source for s in structures]
+    assert list(table["formula"]) == [s.formula for s in structures]
+    assert list(table["elements"]) == [store.elements_of(s.formula) for s in structures]
+    np.testing.assert_array_equal(table["n_atoms"], [s.n_atoms for s in structures])
+    for want, got in zip(graphs, back):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    assert failures == FAILURES
+
+    ids = [s.id for s in structures] + [f.id for f in FAILURES]
+    assert info == {"kind": "graphs", "n": len(graphs), "n_failed": 2,
+                    "ids_sha256": store.ids_digest(ids), "size": path.stat().st_size,
+                    "sha256": store.file_sha256(path)}
+    assert store.shard_info(path) == info
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)
+    assert attrs["schema_version"] == store.SCHEMA_VERSION and attrs["kind"] == "graphs"
+    assert attrs["model_id"] == ATTRS["model_id"] and attrs["model_hash"] == ATTRS["model_hash"]
+    assert attrs["k"] == K and attrs["screener_version"]
+    assert datetime.fromisoformat(attrs["created"]).tzinfo is not None
+
+
+def test_shard_of_a_chunk_where_everything_failed(tmp_path):
+    path = tmp_path / shard_name("graphs", 0)
+    info = store.write_graph_shard(path, [], [], FAILURES, ATTRS)
+    table, graphs, failures = store.read_graph_shard(path)
+    assert len(table["ids"]) == 0 and graphs == [] and failures == FAILURES
+    assert (info["n"], info["n_failed"]) == (0, 2)
+
+    Manifest.create(tmp_path, {})
+    add_predictions(tmp_path, 0, store.empty_prediction_table(), FAILURES)
+    rows = store.read_predictions(tmp_path)
+    assert len(rows["ids"]) == 0 and rows["dos"].shape == (0, len(ENERGY_GRID))
+
+
+def test_prediction_shards_round_trip_real_spectra(tmp_path, shared_data):
+    """Real JARVIS structures and spectra in two shards come back in chunk order."""
+    path = shared_data / "jarvis_edos_sample10.json"
+    structures = [load(source) for source in discover(path)]
+    dos = np.array([r["edos_up"] for r in json.loads(path.read_text())], dtype=np.float32)
+    gap, vbm, cbm = band_gap(dos)
+    table = {"ids": [s.id for s in structures], "source": [s.source for s in structures],
+             "formula": [s.formula for s in structures],
+             "elements": [store.elements_of(s.formula) for s in structures],
+             "n_atoms": [s.n_atoms for s in structures], "band_gap": gap, "vbm": vbm, "cbm": cbm,
+             "dos_at_ef": dos_at_ef(dos), "dos": dos}
+    Manifest.create(tmp_path, {"model_hash": ATTRS["model_hash"]})
+    for index, part in ((1, slice(6, None)), (0, slice(0, 6))):
+        add_predictions(tmp_path, index, {k: np.asarray(v)[part] for k, v in table.items()})
+
+    rows = store.read_predictions(tmp_path, verify=True, model_hash=ATTRS["model_hash"])
+    assert list(rows) == list(store.PREDICTION_COLUMNS)
+    for key, want in table.items():
+        np.testing.assert_array_equal(rows[key], np.asarray(want, dtype=rows[key].dtype))
+    assert rows["dos"].dtype == np.float32 and rows["n_atoms"].dtype == np.int32
+    assert rows["ids"].dtype.kind == "U" and rows["elements"][0] == "Al As"
+    subset = ["formula", "band_gap"]
+    assert list(store.read_predictions(tmp_path, subset)) == subset
+    with h5py.File(tmp_path / shard_name("predictions", 0), "r") as f:
+        np.testing.assert_array_equal(f.attrs["energy_grid"], ENERGY_GRID)
+        assert f["dos"].compression == "gzip" and f["dos"].chunks == (6, len(ENERGY_GRID))
+    with pytest.raises(ValueError, match="unknown prediction columns"):
+        store.read_predictions(tmp_path, ["gap"])
+
+
+def test_prediction_shard_refuses_bad_tables(tmp_path):
+    path = tmp_path / "p.h5"
+    table = prediction_table(ids=["a", "b"])
+    with pytest.raises(ValueError, match="differ from the schema"):
+        store.write_prediction_shard(path, {**table, "extra": [1, 2]}, [], ATTRS)
+    with pytest.raises(ValueError, match="different lengths"):
+        store.write_prediction_shard(path, {**table, "band_gap": [1.0]}, [], ATTRS)
+    with pytest.raises(ValueError, match="dos has shape"):
+        store.write_prediction_shard(path, {**table, "dos": np.zeros((2, 3))}, [], ATTRS)
+    with pytest.raises(ValueError, match="model_hash"):
+        store.write_prediction_shard(path, table, [], {"model_id": "m"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reader_sees_only_complete_listed_shards_while_a_run_writes(tmp_path):
+    Manifest.create(tmp_path, {"input": "x"})
+    add_predictions(tmp_path, 0, prediction_table(ids=["a", "b"]))
+    store.write_prediction_shard(tmp_path / shard_name("predictions", 1),
+                                 prediction_table(ids=["unlisted"]), [], ATTRS)
+    (tmp_path / (shard_name("predictions", 2) + ".tmp")).write_bytes(b"half a shard")
+    with ShardWriter(tmp_path / shard_name("predictions", 3), "predictions", ATTRS) as f:
+        f.create_dataset("ids", data=["being written"])
+        f.create_dataset("failures/ids", data=[""], dtype=h5py.string_dtype())
+        assert list(store.read_predictions(tmp_path)["ids"]) == ["a", "b"]
+    assert (tmp_path / shard_name("predictions", 3)).exists()
+    assert list(store.read_predictions(tmp_path)["ids"]) == ["a", "b"]
+    assert list(store.query(tmp_path)["ids"]) == ["a", "b"]
+
+    on_disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert on_disk["schema_version"] == store.SCHEMA_VERSION and on_disk["config"] == {"input": "x"}
+    assert list(on_disk["shards"]) == [shard_name("predictions", 0)]
+    assert not (tmp_path / "manifest.json.tmp").exists()
+
+
+def test_manifest_orders_chunks_and_resumes_with_the_same_config(tmp_path):
+    config = {"model_hash": ATTRS["model_hash"], "input": "/data", "bandgap": (1.4, 1.6)}
+    manifest = Manifest.open(tmp_path, config)
+    path = tmp_path / shard_name("graphs", 0)
+    info = store.write_graph_shard(path, *graph_chunk(n=2), FAILURES, ATTRS)
+    for index in (100000, 99999, 0):
+        manifest.add(shard_name("graphs", index), info)
+    manifest.add(shard_name("predictions", 5), {**info, "kind": "predictions", "seconds": 1.5})
+    assert manifest.complete("graphs") == [shard_name("graphs", i) for i in (0, 99999, 100000)]
+
+    resumed = Manifest.open(tmp_path, config)
+    assert resumed.shards == manifest.shards and resumed.config == {**config, "bandgap": [1.4, 1.6]}
+    assert resumed.shards[shard_name("predictions", 5)]["seconds"] == 1.5
+    assert resumed.has(shard_name("graphs", 0), info["ids_sha256"])
+    assert not resumed.has(shard_name("graphs", 0), store.ids_digest(["other"]))
+    assert not resumed.has(shard_name("graphs", 1))
+    with pytest.raises(SchemaError, match=r"manifest\.json.*model_hash"):
+        Manifest.open(tmp_path, {**config, "model_hash": "b" * 64})
+    with pytest.raises(ValueError, match="lacks"):
+        manifest.add(shard_name("graphs", 1), {"kind": "graphs", "n": 3})
+    with pytest.raises(SchemaError, match="not a results directory"):
+        Manifest.load(tmp_path / "elsewhere")
+
+
+def test_writer_that_raises_leaves_no_file(tmp_path):
+    path = tmp_path / shard_name("graphs", 0)
+    with pytest.raises(RuntimeError, match="worker died"), ShardWriter(path, "graphs", ATTRS) as f:
+        f.create_dataset("ids", data=["a"])
+        assert path.with_name(path.name + ".tmp").exists()
+        raise RuntimeError("worker died")
+    assert list(path.parent.iterdir()) == []
+    with pytest.raises(SchemaError, match="incomplete shard"), ShardWriter(path, "graphs", ATTRS):
+        pass
+    assert list(path.parent.iterdir()) == []
+
+
+def test_killed_writer_leaves_only_a_tmp_file_readers_ignore(tmp_path):
+    Manifest.create(tmp_path, {})
+    path = tmp_path / shard_name("predictions", 0)
+    script = ("import os, signal, sys\nfrom screener.store import ShardWriter\n"
+              "with ShardWriter(sys.argv[1], 'predictions', {'model_id': 'm', 'model_hash': 'h'})"
+              " as f:\n    f.create_dataset('ids', data=['a'])\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], check=False, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == -9
+    assert not path.exists() and path.with_name(path.name + ".tmp").exists()
+    assert len(store.read_predictions(tmp_path)["ids"]) == 0
+
+
+def test_truncated_shard_is_refused_naming_its_path(tmp_path):
+    Manifest.create(tmp_path, {})
+    path = add_predictions(tmp_path, 0, prediction_table(ids=["a", "b"]))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(SchemaError, match=named(path, r".*truncated")):
+        store.read_predictions(tmp_path)
+
+    graph_path = tmp_path / "g.h5"
+    store.write_graph_shard(graph_path, *graph_chunk(), [], ATTRS)
+    graph_path.write_bytes(graph_path.read_bytes()[:4000])
+    with pytest.raises(SchemaError, match=named(graph_path, r": unreadable HDF5.*truncated")):
+        store.read_graph_shard(graph_path)
+
+
+def test_flipped_bytes_are_found_by_verify(tmp_path):
+    Manifest.create(tmp_path, {})
+    path = add_predictions(tmp_path, 0, prediction_table(ids=["a", "b"]))
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+    with pytest.raises(SchemaError, match=named(path, r": sha256 differs")):
+        store.read_predictions(tmp_path, verify=True)
+    with pytest.raises(SchemaError, match=named(path, r": sha256 differs")):
+        store.query(tmp_path, verify=True)
+
+
+def test_foreign_files_and_other_versions_are_refused(tmp_path):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f.create_dataset("ids", data=["x"])
+    with pytest.raises(SchemaError, match=named(foreign, r": .*not a dos-screener shard")):
+        store.read_graph_shard(foreign)
+
+    text = tmp_path / "notes.h5"
+    text.write_text("not hdf5")
+    with pytest.raises(SchemaError, match=named(text, r": not an HDF5 file")):
+        store.read_graph_shard(text)
+    with pytest.raises(SchemaError, match="no such shard file"):
+        store.read_graph_shard(tmp_path / "missing.h5")
+
+    path = tmp_path / "g.h5"
+    store.write_graph_shard(path, *graph_chunk(n=2), [], ATTRS)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 2
+    with pytest.raises(SchemaError, match=named(path, r": schema version 2, .* reads version 1")):
+        store.read_graph_shard(path)
+
+
+def test_wrong_kind_and_wrong_model_are_refused(tmp_path):
+    Manifest.create(tmp_path, {})
+    path = add_predictions(tmp_path, 0, prediction_table(ids=["a"]))
+    with pytest.raises(SchemaError, match=named(path, r": a 'predictions' shard where a 'graphs'")):
+        store.read_graph_shard(path)
+    wrong_model = ": written by model hash 'a+', expected 'b'"
+    with pytest.raises(SchemaError, match=named(path, wrong_model)):
+        store.read_predictions(tmp_path, model_hash="b")
+    path.unlink()
+    with pytest.raises(SchemaError, match=named(path, r": no such shard file")):
+        store.read_predictions(tmp_path)
+
+
+def test_read_failures_from_graph_and_prediction_shards(tmp_path):
+    manifest = Manifest.create(tmp_path, {})
+    structures, graphs = graph_chunk(n=2)
+    info = store.write_graph_shard(tmp_path / shard_name("graphs", 0), structures, graphs,
+                                   FAILURES, ATTRS)
+    manifest.add(shard_name("graphs", 0), info)
+    predict = Failure("S-1", "in.json[1]", "predict", "out of memory on 11 atoms")
+    add_predictions(tmp_path, 0, prediction_table(ids=["S-0"]), FAILURES + [predict])
+    store.write_graph_shard(tmp_path / shard_name("graphs", 1), [], [],
+                            [Failure("unlisted", "-", "read", "-")], ATTRS)
+    assert store.read_failures(tmp_path, verify=True) == FAILURES + [predict]
+
+
+# Hand-made table; the expected rows of each query below are worked out from it by hand.
+QUERY_TABLE = {
+    "ids": ["A", "B", "C", "D", "E", "F"],
+    "formula": ["Al2O3", "GaAs", "ZnO", "Cu", "TiO2", "Al"],
+    "elements": ["Al O", "As Ga", "O Zn", "Cu", "O Ti", "Al"],
+    "n_atoms": [10, 2, 4, 1, 6, 1],
+    "band_gap": [1.5, 1.4, 3.3, 0.0, 1.6, 0.0],
+    "dos_at_ef": [0.0, 0.0, 0.0, 0.8, 0.01, 0.5],
+}
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    """QUERY_TABLE as rows A-C in chunk 0 and D-F in chunk 1; dos rows filled with 10 * row."""
+    Manifest.create(tmp_path, {})
+    for index, part in ((0, slice(0, 3)), (1, slice(3, 6))):
+        columns = {key: np.asarray(col)[part] for key, col in QUERY_TABLE.items()}
+        table = prediction_table(**columns)
+        table["dos"] = table["dos"] * 10 + 10 * part.start
+        add_predictions(tmp_path, index, table)
+    return tmp_path
+
+
+@pytest.mark.parametrize("criteria, expected", [
+    ({}, "DFBAEC"),
+    ({"bandgap": (1.4, 1.6)}, "BAE"),
+    ({"bandgap": (1.5, None)}, "AEC"),
+    ({"elements": ["O"]}, "AEC"),
+    ({"elements": ("Al", "O")}, "A"),
+    ({"elements": "Al O"}, "A"),
+    ({"elements": ["S"]}, ""),
+    ({"exclude": ["O"]}, "DFB"),
+    ({"elements": ["Al"], "exclude": ["O"]}, "F"),
+    ({"formula": "GaAs"}, "B"),
+    ({"formula": "Ga"}, ""),
+    ({"dos_at_ef": (0.4, None)}, "DF"),
+    ({"dos_at_ef": (0.01, 0.5)}, "FE"),
+    ({"n_atoms": (2, 6)}, "BEC"),
+    ({"bandgap": (1, 2), "elements": ["O"], "n_atoms": (None, 8)}, "E"),
+    ({"sort": "-band_gap"}, "CEABDF"),
+    ({"sort": "formula"}, "FADBEC"),
+    ({"sort": "-n_atoms", "limit": 3}, "AEC"),
+    ({"sort": None}, "ABCDEF"),
+    ({"limit": 2}, "DF"),
+])
+def test_query_filters(results, criteria, expected):
+    rows = store.query(results, **criteria)
+    assert "".join(rows["ids"]) == expected
+    assert "dos" not in rows and len(rows["band_gap"]) == len(expected)
+
+
+def test_query_reads_dos_rows_of_the_hits_only_when_asked(results):
+    rows = store.query(results, bandgap=(1.4, 1.6), with_dos=True)
+    assert "".join(rows["ids"]) == "BAE"
+    np.testing.assert_array_equal(rows["dos"][:, 0], [10, 0, 40])
+    assert rows["dos"].shape == (3, len(ENERGY_GRID))
+    assert store.query(results, formula="none", with_dos=True)["dos"].shape == (0, 300)
+    with pytest.raises(ValueError, match="cannot sort by 'gap'"):
+        store.query(results, sort="gap")
+
+
+def test_output_helpers(tmp_path):
+    rows = {"ids": np.array(["a", "bbb"]), "band_gap": np.array([1.3, np.nan], np.float32),
+            "n_atoms": np.array([2, 12], np.int32), "dos": np.array([[0.5, 1], [2, 3]], np.float32)}
+    assert store.format_table(rows) == ("ids  band_gap  n_atoms\n"
+                                        "---  --------  -------\n"
+                                        "a         1.3        2\n"
+                                        "bbb       nan       12")
+    stream = io.StringIO()
+    store.write_csv(rows, stream)
+    assert list(csv.reader(io.StringIO(stream.getvalue()))) == [
+        ["ids", "band_gap", "n_atoms", "dos_0", "dos_1"], ["a", "1.3", "2", "0.5", "1.0"],
+        ["bbb", "", "12", "2.0", "3.0"]]
+    store.write_csv(rows, tmp_path / "rows.csv")
+    assert (tmp_path / "rows.csv").read_bytes().decode() == stream.getvalue()
+    assert json.loads(store.to_json(rows)) == [
+        {"ids": "a", "band_gap": 1.3, "n_atoms": 2, "dos": [0.5, 1.0]},
+        {"ids": "bbb", "band_gap": None, "n_atoms": 12, "dos": [2.0, 3.0]}]
+
+
+def datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
+    found = {}
+    f.visititems(lambda name, obj: found.update({name: obj} if hasattr(obj, "dtype") else {}))
+    return found
+
+
+def test_files_match_the_documented_layout(tmp_path):
+    """schemas/shards.json describes exactly the datasets and attributes the writers produce."""
+    layout = json.loads((REPO / "schemas" / "shards.json").read_text())
+    assert layout["schema_version"] == store.SCHEMA_VERSION
+    structures, graphs = graph_chunk(n=3)
+    paths = {"graphs": tmp_path / "g.h5", "predictions": tmp_path / "p.h5"}
+    store.write_graph_shard(paths["graphs"], structures, graphs, FAILURES, ATTRS)
+    store.write_prediction_shard(paths["predictions"], prediction_table(ids=["a", "b"]),
+                                 FAILURES, ATTRS)
+    for kind, path in paths.items():
+        documented = layout["shards"][kind]["datasets"]
+        with h5py.File(path, "r") as f:
+            found = datasets(f)
+            assert set(found) == set(documented), kind
+            for name, spec in documented.items():
+                ds = found[name]
+                if spec["dtype"] == "str":
+                    assert h5py.check_string_dtype(ds.dtype) is not None, name
+                else:
+                    assert ds.dtype == np.dtype(spec["dtype"]), name
+                assert ds.ndim == len(spec["shape"]), name
+                assert ds.compression == spec.get("compression"), name
+            wanted = {key for key, spec in layout["attrs"].items()
+                      if isinstance(spec, dict) and kind in spec.get("kinds", [kind])}
+            assert wanted <= set(f.attrs), kind
