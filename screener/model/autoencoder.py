@@ -1,0 +1,75 @@
+"""DOS autoencoder and AE-ALIGNN: ALIGNN predicts a few latent numbers, a decoder the spectrum."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from screener.dos import N_BINS
+from screener.model.alignn import ALIGNN, ALIGNNConfig
+
+AE_HIDDEN = (256, 128, 64)
+
+
+def relu_mlp(sizes: Sequence[int]) -> list[nn.Module]:
+    """Linear layers through `sizes`, ReLU between them and none after the last."""
+    layers: list[nn.Module] = []
+    for n_in, n_out in pairwise(sizes):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return layers[:-1]
+
+
+def make_decoder(latent: int, hidden: Sequence[int], n_bins: int) -> nn.Sequential:
+    """latent -> reversed(hidden) -> n_bins, sigmoid last: normalised spectra lie in [0, 1]."""
+    return nn.Sequential(*relu_mlp([latent, *reversed(hidden), n_bins]), nn.Sigmoid())
+
+
+class DOSAutoencoder(nn.Module):
+    """Compresses a spectrum to `latent` numbers (paper: k = 12) and back; trained with MSE.
+
+    The encoder ends linear, so latents are unbounded.
+    """
+
+    def __init__(self, latent: int = 12, hidden: Sequence[int] = AE_HIDDEN, n_bins: int = N_BINS):
+        super().__init__()
+        self.encoder = nn.Sequential(*relu_mlp([n_bins, *hidden, latent]))
+        self.decoder = make_decoder(latent, hidden, n_bins)
+
+    def forward(self, dos: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(dos))
+
+
+class AEALIGNN(nn.Module):
+    """AE-ALIGNN: ALIGNN with `latent` linear outputs, then a DOSAutoencoder's decoder.
+
+    `config.outputs` is the spectrum length. The decoder has the autoencoder's layout, so a
+    trained one drops in with `model.decoder.load_state_dict(autoencoder.decoder.state_dict())`.
+    """
+
+    arch = "ae-alignn"
+
+    def __init__(
+        self,
+        config: ALIGNNConfig | None = None,
+        latent: int = 12,
+        ae_hidden: Sequence[int] = AE_HIDDEN,
+    ):
+        super().__init__()
+        self.config = config or ALIGNNConfig()
+        self.latent_size = latent
+        self.ae_hidden = tuple(ae_hidden)
+        self.alignn = ALIGNN(replace(self.config, outputs=latent), nonnegative=False)
+        self.decoder = make_decoder(latent, self.ae_hidden, self.config.outputs)
+
+    def config_dict(self) -> dict:
+        return {**asdict(self.config), "latent": self.latent_size, "ae_hidden": list(self.ae_hidden)}
+
+    def latent(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, latent): what ALIGNN learns to predict, the encoder's image of the spectrum."""
+        return self.alignn(batch)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.decoder(self.latent(batch))
