@@ -1,0 +1,329 @@
+"""The `screen` command line: parse, call one function, print. Heavy imports stay inside commands."""
+import click
+
+from screener.errors import ScreenerError
+
+
+class ScreenGroup(click.Group):
+    """Prints user errors (bad files, changed settings) as one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (ScreenerError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=ScreenGroup)
+@click.version_option(package_name="dos-screener")
+def main() -> None:
+    """Screen crystal structures by ALIGNN-predicted density of states."""
+
+
+def parse_window(_ctx, _param, value: str | None) -> tuple[float, float] | None:
+    """'1.4:1.6' -> (1.4, 1.6); an empty side means unbounded."""
+    if value is None:
+        return None
+    try:
+        lo, hi = value.split(":")
+        return (float(lo) if lo else float("-inf"), float(hi) if hi else float("inf"))
+    except ValueError:
+        raise click.BadParameter(f"expected LO:HI such as 1.4:1.6, got {value!r}") from None
+
+
+@main.command()
+@click.option("--structures", required=True, type=click.Path(exists=True), help="Folder, file or JARVIS json(.gz).")
+@click.option("--bandgap", callback=parse_window, help="Shortlist window in eV, LO:HI.")
+@click.option("-o", "--out", "out_dir", default="results", show_default=True, type=click.Path())
+@click.option("--model", type=click.Path(exists=True), help="Checkpoint; default: the shipped model.")
+@click.option("--address", help="Ray cluster address ('auto', 'ray://host:10001'); default: a local Ray.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=int, help="Prediction actors (default: one per GPU, else CPUs/2).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--shard-size", type=int, default=256, show_default=True)
+@click.option("--strict", is_flag=True, help="Exit non-zero when any structure failed.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run(structures, bandgap, out_dir, model, address, device, workers, batch_size, shard_size, strict, quiet):
+    """Predict the DOS of every structure and shortlist those whose gap is in --bandgap."""
+    from screener import pipeline, store
+    from screener.progress import progress_printer
+
+    opts = pipeline.RunOptions(
+        structures=structures, out_dir=out_dir, model=model or pipeline.default_model(),
+        address=address, device=device, workers=workers, batch_size=batch_size, shard_size=shard_size,
+    )
+    with progress_printer(disable=quiet) as on_progress:
+        summary = pipeline.run(opts, on_progress)
+    click.echo(
+        f"read {summary.n_read}  failed {summary.n_failed}  predicted {summary.n_predicted}  "
+        f"({summary.rate:.1f} structures/s, {summary.seconds:.1f} s; {summary.n_skipped_shards} shards resumed)"
+    )
+    failures = store.read_failures(out_dir)
+    for f in failures[:20]:
+        click.echo(f"  failed {f.id} [{f.stage}] {f.source}: {f.reason}", err=True)
+    if len(failures) > 20:
+        click.echo(f"  ... {len(failures) - 20} more failures: screen failures {out_dir}", err=True)
+    if bandgap is not None:
+        rows = store.query(out_dir, bandgap=bandgap)
+        store.write_csv(rows, f"{out_dir}/shortlist.csv")
+        click.echo(f"shortlisted {len(rows['ids'])} with {bandgap[0]} <= gap <= {bandgap[1]} eV "
+                   f"-> {out_dir}/shortlist.csv")
+        click.echo(store.format_table(rows))
+    if strict and summary.n_failed:
+        raise SystemExit(f"--strict: {summary.n_failed} structures failed")
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False))
+@click.option("--bandgap", callback=parse_window, help="Gap window in eV, LO:HI.")
+@click.option("--elements", help="Comma-separated elements that must all be present.")
+@click.option("--exclude", help="Comma-separated elements that must be absent.")
+@click.option("--formula", help="Exact reduced formula, e.g. GaAs.")
+@click.option("--dos-at-ef", callback=parse_window, help="DOS at E_F window, LO:HI.")
+@click.option("--n-atoms", callback=parse_window, help="Atoms per cell, LO:HI.")
+@click.option("--sort", default="band_gap", show_default=True, help="Column; prefix '-' for descending.")
+@click.option("--limit", type=int)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def query(results, bandgap, elements, exclude, formula, dos_at_ef, n_atoms, sort, limit, fmt):
+    """Filter the predictions of a (possibly still running) screening job."""
+    import sys
+
+    from screener import store
+
+    rows = store.query(
+        results, bandgap=bandgap, elements=_split(elements), exclude=_split(exclude), formula=formula,
+        dos_at_ef=dos_at_ef, n_atoms=n_atoms, sort=sort, limit=limit,
+    )
+    if fmt == "csv":
+        store.write_csv(rows, sys.stdout)
+    elif fmt == "json":
+        click.echo(store.to_json(rows))
+    else:
+        click.echo(store.format_table(rows))
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False))
+def failures(results):
+    """List every structure that failed, with its file and reason."""
+    from screener import store
+
+    for f in store.read_failures(results):
+        click.echo(f"{f.id}\t{f.stage}\t{f.source}\t{f.reason}")
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False))
+@click.argument("structure_id")
+@click.option("-o", "--out", "out_path", default=None, help="PNG path (default: <id>.png).")
+def plot(results, structure_id, out_path):
+    """Plot one predicted DOS with E_F, VBM and CBM marked."""
+    from screener.plots import plot_prediction
+
+    path = plot_prediction(results, structure_id, out_path or f"{structure_id}.png")
+    click.echo(f"wrote {path}")
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+@main.group()
+def data() -> None:
+    """Make a training set (HDF5: graphs, DOS targets, split) from one DOS data source."""
+
+
+def _training_set_options(command):
+    """Options every `data` subcommand shares: where to write, split seed, extra gaps."""
+    command = click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+                           help="Training set file to write (.h5).")(command)
+    command = click.option("--seed", type=int, default=0, show_default=True,
+                           help="Seed of the 70/10/20 train/val/test split.")(command)
+    return click.option("--ref-gaps", type=click.Path(exists=True, dir_okay=False),
+                        help="JARVIS-form json(.gz) whose optb88vdw_bandgap fills unknown gaps.")(command)
+
+
+@data.command("jarvis-edos")
+@click.option("--cache", "cache_dir", default="~/.cache/dos-screener/jarvis", show_default=True,
+              help="Where jarvis-tools keeps the downloaded figshare file.")
+@_training_set_options
+def data_jarvis_edos(cache_dir, out, seed, ref_gaps):
+    """The ~48k JARVIS-DFT eDOS spectra (jarvis-tools download, cached)."""
+    import os
+
+    from screener.dataset import from_jarvis_edos
+
+    _write_training_set(from_jarvis_edos(os.path.expanduser(cache_dir)), out, seed, ref_gaps)
+
+
+@data.command("json")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--level-of-theory", default="unknown", show_default=True,
+              help="Recorded in the file's provenance, e.g. 'DFT, GPAW, PBE'.")
+@_training_set_options
+def data_json(path, level_of_theory, out, seed, ref_gaps):
+    """JARVIS-form records (jid, atoms, edos_up) from a json(.gz) file."""
+    from screener.dataset import from_json
+
+    _write_training_set(from_json(path, level_of_theory), out, seed, ref_gaps)
+
+
+@data.command("vasprun")
+@click.argument("path", type=click.Path(exists=True))
+@_training_set_options
+def data_vasprun(path, out, seed, ref_gaps):
+    """VASP runs: every vasprun*.xml(.gz) under PATH, total DOS per valence electron."""
+    from screener.dataset import from_vasprun
+
+    _write_training_set(from_vasprun(path), out, seed, ref_gaps)
+
+
+def _write_training_set(labelled, out: str, seed: int, ref_gaps: str | None) -> None:
+    import numpy as np
+
+    from screener.dataset import merge_ref_gaps, skipped_summary, write_training_set
+
+    click.echo(skipped_summary(labelled.skipped), err=bool(labelled.skipped))
+    if ref_gaps:
+        click.echo(f"reference gaps filled from {ref_gaps}: {merge_ref_gaps(labelled, ref_gaps)}")
+    if not labelled.structures:
+        raise click.ClickException("no usable structures: nothing written")
+    write_training_set(out, labelled.structures, labelled.dos, labelled.ref_gap,
+                       labelled.provenance, labelled.extra, seed)
+    known = int(np.isfinite(labelled.ref_gap).sum())
+    click.echo(f"wrote {out}: {len(labelled.structures)} structures ({known} with a reference gap), "
+               f"{len(labelled.skipped)} skipped")
+
+
+@main.command("evaluate")
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True),
+              help="Checkpoint, or a `screen train` run folder holding model.pt.")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training set (.h5) from `screen data`.")
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test",
+              show_default=True, help="Rows to score; the checkpoint's split when it stores one.")
+@click.option("-o", "--out", "out_dir", default="report", show_default=True,
+              type=click.Path(file_okay=False))
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda.")
+def evaluate_model(model_path, data_path, split, out_dir, batch_size, device):
+    """Score a model on a split: metrics.json, figures and index.html in --out."""
+    from screener.evaluate import evaluate
+
+    report = evaluate(model_path, data_path, split, out_dir, batch_size, device)
+    s, g = report["summary"], report["band_gap"]
+    click.echo(f"{s['n']} structures, {split} split from the {report['split']['from']}: "
+               f"MAE mean {s['mae_mean']:.4f} median {s['mae_median']:.4f}, baseline "
+               f"{s['baseline_mae_mean']:.4f} ({s['baseline_over_model']:.1f}x), "
+               f"MAE < 0.02: {s['share_mae_below_0.02']:.0%}, RE < 0.2: {s['share_re_below_0.2']:.0%}")
+    if g["n_known"]:
+        click.echo(f"band gap from predicted DOS: MAE {g['gap_mae']:.3f} eV over {g['n_known']} "
+                   f"known, confusion [ref metal, non-metal] x [pred metal, non-metal] {g['confusion']}")
+    for note in report["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"report: {out_dir}/index.html")
+
+
+@main.command("train")
+@click.argument("data_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: checkpoints, metrics.csv/json, model.pt. Rerun to resume.")
+@click.option("--arch", type=click.Choice(["d-alignn", "ae-alignn"]), default="d-alignn",
+              show_default=True)
+@click.option("--latent", type=int, default=12, show_default=True, help="AE-ALIGNN latent size k.")
+@click.option("--latent-sweep", is_flag=True, help="AE-ALIGNN for k = 8, 12, 16, 20 (paper Table 1).")
+@click.option("--workers", type=int, default=1, show_default=True, help="DDP workers.")
+@click.option("--gpus-per-worker", type=float, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Per worker.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak one-cycle rate.")
+@click.option("--epochs", type=int, default=300, show_default=True)
+@click.option("--patience", type=int, default=30, show_default=True,
+              help="Stop after this many epochs without a better validation MAE.")
+@click.option("--loss", type=click.Choice(["mse", "l1"]), default="mse", show_default=True)
+@click.option("--amp", is_flag=True, help="bfloat16 autocast (for GPUs).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="ALIGNNConfig override, e.g. --set hidden=64 (repeatable).")
+@click.option("--ae-epochs", type=int, default=200, show_default=True)
+@click.option("--address", help="Ray cluster address; default: a local Ray.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_command(data_path, out_dir, arch, latent, latent_sweep, overrides, **options):
+    """Train D-ALIGNN or AE-ALIGNN on a training set with Ray Train (DDP, early stopping)."""
+    from screener import train
+
+    options["config"] = _overrides(overrides)
+    if latent_sweep:
+        for row in train.latent_sweep(data_path, out_dir, **options):
+            click.echo(f"k={row['latent']:3d}  reconstruction MAE {row['reconstruction_val_mae']:.4f}  "
+                       f"end-to-end MAE {row['val_mae']:.4f}  (baseline {row['baseline_val_mae']:.4f})")
+        return
+    metrics = train.train(data_path, out_dir, arch=arch, latent=latent, **options)
+    click.echo(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}: validation MAE "
+               f"{metrics['val_mae']:.4f} (baseline {metrics['baseline_val_mae']:.4f}) -> {out_dir}/model.pt")
+
+
+def _overrides(pairs: tuple[str, ...]) -> dict:
+    """KEY=VALUE pairs, values read as JSON (numbers, true/false) or else kept as text."""
+    import json
+
+    config = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return config
+
+
+@main.command("label")
+@click.option("--structures", type=click.Path(exists=True),
+              help="shortlist.csv (id, source), folder, file or JARVIS json(.gz).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Training set to write (.h5); finished work is kept in <out>.parts/.")
+@click.option("--address", help="Ray cluster address; default: a local Ray.")
+@click.option("--workers", type=int, help="Calculations at once (default: one per Ray CPU).")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Wall-time limit per structure, seconds.")
+@click.option("--limit", type=int, help="Only the first N structures after ordering.")
+@click.option("--order", type=click.Choice(["input", "small-first"]), default="input",
+              show_default=True, help="small-first: fewest atoms first, new elements early.")
+@click.option("--kpt-density", type=float, default=2.5, show_default=True,
+              help="k-points per reciprocal Angstrom (ASE density).")
+@click.option("--retry-failed", is_flag=True, help="Calculate failed structures again.")
+@click.option("--export-only", is_flag=True, help="Only write --out from the finished parts.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def label_command(structures, out, address, workers, timeout, limit, order, kpt_density,
+                  retry_failed, export_only, quiet):
+    """DFT-label structures with GPAW (PBE, LCAO dzp): DOS, gap, energy -> training set."""
+    from screener import label
+
+    if export_only:
+        try:
+            done = label.export(out)
+        except (ValueError, FileNotFoundError) as error:
+            raise click.ClickException(str(error)) from None
+        click.echo(f"wrote {done.path}: {done.n_labelled} labelled, {done.n_failed} failed")
+        return
+    if structures is None:
+        raise click.UsageError("--structures is required unless --export-only")
+    try:
+        summary = label.label(structures, out, label.Settings(kpt_density=kpt_density), address,
+                              workers, timeout, limit, order, retry_failed, progress=not quiet)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{summary.n_selected} selected: {summary.n_already} already done, "
+               f"{summary.n_labelled} labelled, {summary.n_failed} failed in {summary.seconds:.0f} s")
+    for f in summary.failures[:20]:
+        click.echo(f"  failed {f.id} [{f.stage}] {f.source}: {f.reason}", err=True)
+    if summary.exported:
+        click.echo(f"wrote {summary.exported.path}: {summary.exported.n_labelled} labelled, "
+                   f"{summary.exported.n_failed} failed")
+
+
+# -- end of commands --
+
+
+if __name__ == "__main__":
+    main()
