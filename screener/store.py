@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from screener.dos import ENERGY_GRID
+from screener.errors import ScreenerError
 
 if TYPE_CHECKING:
     from screener.structures import Failure, Structure
@@ -47,7 +48,7 @@ PREDICTION_FILTER = {"compression": "gzip", "compression_opts": 4}
 DOS_CHUNK_ROWS = 256
 
 
-class SchemaError(Exception):
+class SchemaError(ScreenerError):
     """A file that is not a readable shard of this schema: foreign, damaged or another version."""
 
 
