@@ -1,0 +1,395 @@
+"""Training sets: structures, their graphs and DOS targets in one versioned HDF5 file.
+
+Three sources end in the same `Labelled` value: the JARVIS `edos_pdos` download, any JSON file
+of JARVIS-form records with `edos_up`, and folders of VASP runs. Records that cannot be used
+are returned as `Failure`s, never dropped silently. Layout: schemas/training_set.json.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from screener.dos import N_BINS, normalize, to_grid, valence_electrons
+from screener.errors import ScreenerError
+from screener.graphs import build_graph
+from screener.store import SchemaError, _screener_version, file_sha256, read_graphs, write_graphs
+from screener.structures import Failure, Source, Structure, load
+
+SCHEMA_VERSION = 1
+KIND = "training_set"
+SPLITS = ("train", "val", "test")
+FRACTIONS = (0.7, 0.1, 0.2)
+EDOS_DATASET = "edos_pdos"
+JARVIS_THEORY = "DFT, VASP, OptB88vdW (JARVIS-DFT)"
+JARVIS_GAP_KEY = "optb88vdw_bandgap"
+
+
+class DownloadError(ScreenerError, RuntimeError):
+    """The JARVIS download failed; the message says where to put the file by hand."""
+
+
+@dataclass
+class TrainingSet:
+    """A training set as read back: arrays by structure, in file order."""
+
+    ids: np.ndarray
+    graphs: list[dict]
+    dos: np.ndarray
+    ref_gap: np.ndarray
+    formula: np.ndarray
+    split: dict[str, np.ndarray] | None
+    attrs: dict
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Labelled:
+    """What one data source yields: usable structures with targets, and what it had to skip."""
+
+    structures: list[Structure]
+    dos: np.ndarray
+    ref_gap: np.ndarray
+    provenance: dict
+    skipped: list[Failure]
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def split_indices(n: int, seed: int = 0, fractions=FRACTIONS) -> dict[str, np.ndarray]:
+    """Seeded random train/val/test split, so a file fixes which structures a model never saw.
+
+    Validation and test get at least one structure each once n >= 3, so early stopping and
+    evaluation always have something to measure.
+    """
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    sizes = [int(f * n + 0.5) for f in fractions[1:]]
+    if n >= 3:
+        sizes = [max(s, 1) if f > 0 else s for s, f in zip(sizes, fractions[1:])]
+    n_train = n - sum(sizes)
+    order = np.random.default_rng(seed).permutation(n)
+    cuts = np.cumsum([n_train, sizes[0]])
+    return {name: np.sort(part) for name, part in zip(SPLITS, np.split(order, cuts))}
+
+
+def write_training_set(path: str | Path, structures: list[Structure], dos: np.ndarray,
+                       ref_gap: np.ndarray, provenance: dict,
+                       extra: dict[str, np.ndarray] | None = None, seed: int = 0) -> None:
+    """Build every graph and write the set atomically (tmp file + rename), split included."""
+    path = Path(path)
+    dos = np.asarray(dos, dtype=np.float32)
+    ref_gap = np.asarray(ref_gap, dtype=np.float32)
+    extra = {name: np.asarray(values) for name, values in (extra or {}).items()}
+    _check_inputs(structures, dos, ref_gap, extra)
+    graphs = [build_graph(s.lattice, s.positions, s.numbers)
+              for s in tqdm(structures, desc="graphs", unit="structure", disable=None)]
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            _write(f, structures, graphs, dos, ref_gap, provenance, extra, seed)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_inputs(structures, dos, ref_gap, extra) -> None:
+    n = len(structures)
+    if n == 0:
+        raise ValueError("no structures to write")
+    if dos.shape != (n, N_BINS):
+        raise ValueError(f"dos has shape {dos.shape}, expected ({n}, {N_BINS})")
+    if ref_gap.shape != (n,):
+        raise ValueError(f"ref_gap has shape {ref_gap.shape}, expected ({n},)")
+    for name, values in extra.items():
+        if len(values) != n:
+            raise ValueError(f"extra[{name!r}] has {len(values)} rows, expected {n}")
+    ids = [s.id for s in structures]
+    if len(set(ids)) != n:
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"duplicate structure ids: {repeated[:5]}")
+
+
+def _write(f: h5py.File, structures, graphs, dos, ref_gap, provenance, extra, seed) -> None:
+    text = h5py.string_dtype()
+    f.attrs.update(kind=KIND, schema_version=SCHEMA_VERSION, n_structures=len(structures),
+                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   screener_version=_screener_version(), provenance=json.dumps(provenance))
+    f.create_dataset("ids", data=[s.id for s in structures], dtype=text)
+    f.create_dataset("formula", data=[s.formula for s in structures], dtype=text)
+    f.create_dataset("dos", data=dos, compression="gzip", chunks=(min(len(dos), 256), N_BINS))
+    f.create_dataset("ref_gap", data=ref_gap)
+    _write_structures(f.create_group("structures"), structures)
+    write_graphs(f.create_group("graphs"), graphs)
+    split = f.create_group("split")
+    split.attrs.update(seed=seed, fractions=FRACTIONS)
+    for name, indices in split_indices(len(structures), seed).items():
+        split.create_dataset(name, data=indices.astype(np.int64))
+    group = f.create_group("extra")
+    for name, values in extra.items():
+        group.create_dataset(name, data=values)
+
+
+def _write_structures(group: h5py.Group, structures: list[Structure]) -> None:
+    """Cells as ragged arrays, so graphs can be rebuilt (another k, a fixed graph builder)."""
+    sizes = np.array([len(s.numbers) for s in structures], dtype=np.int64)
+    group.create_dataset("lattice", data=np.stack([s.lattice for s in structures]))
+    group.create_dataset("positions", data=np.concatenate([s.positions for s in structures]),
+                         compression="gzip")
+    group.create_dataset("numbers", data=np.concatenate([s.numbers for s in structures]),
+                         compression="gzip")
+    group.create_dataset("atom_offsets", data=np.concatenate([[0], np.cumsum(sizes)]))
+
+
+def read_training_set(path: str | Path, graphs: bool = True) -> TrainingSet:
+    """The whole set; `graphs=False` skips the large graph arrays (see `read_set_graphs`)."""
+    with _open(path) as f:
+        split = f["split"]
+        return TrainingSet(
+            ids=f["ids"].asstr()[()].astype(str),
+            graphs=read_graphs(f["graphs"]) if graphs else [],
+            dos=f["dos"][()],
+            ref_gap=f["ref_gap"][()],
+            formula=f["formula"].asstr()[()].astype(str),
+            split={name: split[name][()] for name in SPLITS},
+            attrs={**json.loads(f.attrs["provenance"]), "split_seed": int(split.attrs["seed"]),
+                   **{k: _plain(v) for k, v in f.attrs.items() if k != "provenance"}},
+            extra={name: values[()] for name, values in f["extra"].items()},
+        )
+
+
+def read_set_graphs(path: str | Path, indices: np.ndarray) -> list[dict]:
+    """Graphs of some structures only, so each training worker holds just its own part.
+
+    Copies, since read_graphs returns views into the whole span it read.
+    """
+    with _open(path) as f:
+        graphs = read_graphs(f["graphs"], np.asarray(indices))
+    return [{name: array.copy() for name, array in g.items()} for g in graphs]
+
+
+def read_structures(path: str | Path) -> list[Structure]:
+    """The stored cells as Structures, in file order."""
+    with _open(path) as f:
+        group = f["structures"]
+        ids = f["ids"].asstr()[()]
+        offsets = group["atom_offsets"][()]
+        lattice, positions, numbers = (group[k][()] for k in ("lattice", "positions", "numbers"))
+    return [Structure(id=str(sid), source=f"{path}[{i}]", lattice=lattice[i],
+                      positions=positions[offsets[i]:offsets[i + 1]],
+                      numbers=numbers[offsets[i]:offsets[i + 1]])
+            for i, sid in enumerate(ids)]
+
+
+def _open(path: str | Path) -> h5py.File:
+    """Open a training set read-only, refusing anything that is not one of this version."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise SchemaError(f"{path}: not a readable HDF5 training set ({err})") from err
+    problem = _layout_problem(f)
+    if problem:
+        f.close()
+        raise SchemaError(f"{path}: {problem}")
+    return f
+
+
+def _layout_problem(f: h5py.File) -> str | None:
+    if f.attrs.get("kind") != KIND:
+        return f"kind is {f.attrs.get('kind')!r}, not {KIND!r}"
+    if f.attrs.get("schema_version") != SCHEMA_VERSION:
+        return f"schema_version {f.attrs.get('schema_version')}, this screener reads {SCHEMA_VERSION}"
+    missing = [k for k in ("ids", "dos", "ref_gap", "formula", "structures", "graphs", "split",
+                           "extra") if k not in f]
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def from_records(records: Iterable[dict], origin: str, provenance: dict) -> Labelled:
+    """JARVIS-form records (`jid`, `atoms`, `edos_up`) -> Labelled; bad records become Failures.
+
+    One function for the figshare download and for JSON files, which hold the same records.
+    """
+    structures, rows, gaps, skipped = [], [], [], []
+    for i, record in enumerate(records):
+        rid = str(record.get("jid") or record.get("id") or f"{Path(origin).stem}[{i}]")
+        where = f"{origin}[{i}]"
+        problem = target_problem(record.get("edos_up"))
+        atoms = record.get("atoms")
+        if problem is None and not isinstance(atoms, dict):
+            problem = "no 'atoms' structure dict in the record"
+        if problem is not None:
+            skipped.append(Failure(rid, where, "validate", problem))
+            continue
+        structure = load(Source(rid, where, atoms))
+        if isinstance(structure, Failure):
+            skipped.append(structure)
+            continue
+        structures.append(structure)
+        rows.append(record["edos_up"])
+        gaps.append(_gap(record.get(JARVIS_GAP_KEY)))
+    return Labelled(structures, _rows(rows), np.array(gaps, dtype=np.float32),
+                    provenance, skipped)
+
+
+def target_problem(values) -> str | None:
+    """Why a DOS target is unusable (None when it is fine), so bad labels are never trained on."""
+    if values is None or isinstance(values, str):
+        return f"no DOS target (edos_up is {values!r})"
+    try:
+        dos = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        return "DOS target is not a list of numbers"
+    if dos.shape != (N_BINS,):
+        return f"DOS target has shape {dos.shape}, expected ({N_BINS},) on the energy grid"
+    if not np.isfinite(dos).all():
+        return f"DOS target has {int((~np.isfinite(dos)).sum())} NaN/inf values"
+    if (dos < 0).any():
+        return f"DOS target has {int((dos < 0).sum())} negative values (min {dos.min():.3g})"
+    return None
+
+
+def _gap(value) -> float:
+    """A record's reference gap; JARVIS writes 'na' where it is unknown."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return float("nan")
+
+
+def _rows(rows: list) -> np.ndarray:
+    return np.array(rows, dtype=np.float32).reshape(-1, N_BINS)
+
+
+def from_jarvis_edos(cache_dir: str | Path) -> Labelled:
+    """The ~48k JARVIS eDOS spectra, downloaded once by jarvis-tools into `cache_dir`."""
+    from jarvis.db.figshare import data, get_db_info
+
+    url, zip_member, _, reference = get_db_info()[EDOS_DATASET][:4]
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        records = data(EDOS_DATASET, store_dir=str(cache_dir))
+    except (OSError, zipfile.BadZipFile) as err:
+        raise DownloadError(
+            f"could not load JARVIS {EDOS_DATASET} ({err}); with no network, put the figshare "
+            f"file {url} as {cache_dir / (zip_member + '.zip')} (delete a partial one)") from err
+    provenance = {"source": f"jarvis-tools figshare {EDOS_DATASET}", "url": url,
+                  "reference": reference, "level_of_theory": JARVIS_THEORY,
+                  "dos": "edos_up as published by JARVIS"}
+    return from_records(records, f"jarvis:{EDOS_DATASET}", provenance)
+
+
+def from_json(path: str | Path, level_of_theory: str = "unknown") -> Labelled:
+    """A JSON (.json or .json.gz) list of JARVIS-form records carrying `edos_up`."""
+    path = Path(path)
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+        records = json.load(f)
+    if isinstance(records, dict):
+        records = [records]
+    provenance = {"source": str(path), "sha256": file_sha256(path),
+                  "level_of_theory": level_of_theory, "dos": "edos_up as given"}
+    return from_records(records, str(path), provenance)
+
+
+def merge_ref_gaps(labelled: Labelled, path: str | Path, key: str = JARVIS_GAP_KEY) -> int:
+    """Fill unknown reference gaps from another JARVIS-form file by id; returns how many.
+
+    Kept apart from the sources so each source reports only what its records hold.
+    """
+    path = Path(path)
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+        known = {str(r.get("jid") or r.get("id")): _gap(r.get(key)) for r in json.load(f)}
+    filled = 0
+    for i, structure in enumerate(labelled.structures):
+        gap = known.get(structure.id, float("nan"))
+        if math.isnan(labelled.ref_gap[i]) and not math.isnan(gap):
+            labelled.ref_gap[i] = gap
+            filled += 1
+    labelled.provenance["ref_gaps"] = f"{key} from {path} where the source had none"
+    return filled
+
+
+def from_vasprun(path: str | Path) -> Labelled:
+    """VASP runs (vasprun.xml, .gz too) under a folder: total DOS per valence electron.
+
+    The reference gap is VASP's own eigenvalue/occupation gap of the same run.
+    """
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(root.rglob("vasprun*.xml*"))
+    base = root.parent if root.is_file() else root
+    structures, rows, gaps, skipped, theories = [], [], [], [], set()
+    for file in files:
+        rid = vasprun_id(file, base)
+        try:
+            run = _read_vasprun(file)
+            atoms = run.all_structures[-1]
+            structure = load(Source(rid, str(file), atoms.to_dict()))
+            if isinstance(structure, Failure):
+                skipped.append(structure)
+                continue
+            e, up, down = run.total_dos
+            total = up + np.abs(down) if len(down) else up
+            grid = to_grid(e, total, e_fermi=run.efermi)
+            row = normalize(grid, valence_electrons(structure.numbers))
+            gap = max(float(run.get_indir_gap[0]), 0.0)
+            theories.add(f"VASP GGA={run.all_input_parameters.get('GGA', '?')}")
+        except Exception as err:  # noqa: BLE001 -- any unreadable run is reported, not fatal
+            skipped.append(Failure(rid, str(file), "read", f"{type(err).__name__}: {err}"))
+            continue
+        problem = target_problem(row)
+        if problem:
+            skipped.append(Failure(rid, str(file), "validate", problem))
+            continue
+        structures.append(structure)
+        rows.append(row)
+        gaps.append(gap)
+    provenance = {"source": str(root), "level_of_theory": ", ".join(sorted(theories)) or "unknown",
+                  "dos": "VASP total DOS (both spins) on the grid, per valence electron",
+                  "ref_gap": "VASP indirect eigenvalue gap of the same run, 0 for metals"}
+    return Labelled(structures, _rows(rows), np.array(gaps, dtype=np.float32), provenance, skipped)
+
+
+def vasprun_id(file: Path, root: Path) -> str:
+    """`dir/JVASP-39/vasprun.xml` and `dir/vasprun.xml.JVASP-39.gz` both give 'JVASP-39'."""
+    name = file.name.removesuffix(".gz").removeprefix("vasprun").replace(".xml", "", 1)
+    tag = name.strip("._-")
+    parts = [*file.parent.relative_to(root).parts, *([tag] if tag else [])]
+    return "/".join(parts) or root.resolve().name
+
+
+def _read_vasprun(file: Path):
+    """jarvis-tools' Vasprun reads plain paths only, so a .gz goes through a temporary copy."""
+    from jarvis.io.vasp.outputs import Vasprun
+
+    if file.suffix != ".gz":
+        return Vasprun(str(file))
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "vasprun.xml"
+        with gzip.open(file, "rb") as src, open(plain, "wb") as dst:
+            dst.write(src.read())
+        return Vasprun(str(plain))
+
+
+def skipped_summary(skipped: list[Failure], limit: int = 20) -> str:
+    """Human summary of skipped records, counted by reason, the first `limit` listed."""
+    if not skipped:
+        return "skipped: none"
+    lines = [f"skipped {len(skipped)} record(s):"]
+    lines += [f"  {f.id} ({f.source}) [{f.stage}] {f.reason}" for f in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return "\n".join(lines)

@@ -1,0 +1,417 @@
+"""Ray Train for D-ALIGNN and AE-ALIGNN: DDP workers, early stopping, resumable checkpoints.
+
+Every worker reads the training set itself and keeps only its shard of the train and
+validation splits. Each epoch ends in a Ray checkpoint (weights, optimizer and scheduler state,
+history); running `train` again on the same out_dir resumes from the latest one. The best
+validation weights end up in out_dir/model.pt, loadable with `load_checkpoint`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from screener.dataset import read_set_graphs, read_training_set
+from screener.errors import ScreenerError
+from screener.graphs import collate
+from screener.metrics import baseline_spectrum, spectrum_mae
+from screener.model import (
+    DOSAutoencoder,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+    to_tensors,
+)
+from screener.store import file_sha256
+
+ARCHS = ("d-alignn", "ae-alignn")
+LOSSES = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss}
+LATENT_SWEEP = (8, 12, 16, 20)
+RUN_NAME = "ray"
+AE_BATCH = 256
+WEIGHT_DECAY = 1e-5
+# A resumed run must train the same thing the same way, or its checkpoint means nothing.
+RESUME_KEYS = ("data_hash", "arch", "latent", "ae_epochs", "config", "batch_size", "lr", "epochs",
+               "loss", "workers", "seed")
+
+
+class ResumeError(ScreenerError, ValueError):
+    """out_dir holds a run with other settings, which this one must not continue."""
+
+
+def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", latent: int = 12,
+          workers: int = 1, gpus_per_worker: float = 0, batch_size: int = 32, lr: float = 1e-3,
+          epochs: int = 300, patience: int = 30, loss: str = "mse", amp: bool = False,
+          config: dict | None = None, address: str | None = None, seed: int = 0,
+          ae_epochs: int = 200) -> dict:
+    """Train one model into out_dir (resuming what is there) and return its final metrics."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if arch not in ARCHS or loss not in LOSSES or epochs < 1 or workers < 1:
+        raise ValueError(f"need arch in {ARCHS}, loss in {tuple(LOSSES)}, epochs >= 1, "
+                         f"workers >= 1; got {arch!r}, {loss!r}, {epochs}, {workers}")
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(data_path).resolve()
+    settings = {"data": str(data), "data_hash": file_sha256(data), "arch": arch,
+                "latent": latent if arch == "ae-alignn" else None, "config": dict(config or {}),
+                "batch_size": batch_size, "lr": lr, "epochs": epochs, "patience": patience,
+                "loss": loss, "amp": amp, "workers": workers, "seed": seed,
+                "ae_epochs": ae_epochs if arch == "ae-alignn" else None}
+    resume = latest_checkpoint(out)
+    state = resumable_state(resume, settings) if resume else new_state(settings)
+    settings["resume_from"] = str(resume) if resume else None
+    if arch == "ae-alignn":
+        settings["autoencoder"] = str(fit_autoencoder(settings, out))
+    if not state["early_stopped"] and state["epoch"] < epochs:
+        connect(address)
+        gpu = {"GPU": gpus_per_worker} if gpus_per_worker else {}
+        TorchTrainer(
+            train_loop,
+            train_loop_config=settings,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
+                                         resources_per_worker={"CPU": 1, **gpu}),
+            run_config=RunConfig(name=RUN_NAME, storage_path=str(out),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        ).fit()
+    return finish(latest_checkpoint(out), settings, out)
+
+
+def latent_sweep(data_path: str | Path, out_dir: str | Path, latents=LATENT_SWEEP,
+                 **options) -> list[dict]:
+    """AE-ALIGNN for each latent size k (paper Table 1), one out_dir/k<k> each."""
+    return [{"latent": k, **train(data_path, Path(out_dir) / f"k{k}", arch="ae-alignn",
+                                   latent=k, **options)} for k in latents]
+
+
+def connect(address: str | None) -> None:
+    """Join a cluster or start a local Ray; worker logs stay on, they carry the epoch lines."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False)
+
+
+@dataclass
+class Part:
+    """One worker's share of a split: rows of the set, their graphs, targets and spectra."""
+
+    rows: np.ndarray
+    graphs: dict[int, dict]
+    targets: np.ndarray
+    dos: np.ndarray
+
+
+def shard(indices: np.ndarray, rank: int, world: int, pad: bool) -> np.ndarray:
+    """This rank's indices; padding (wrapping around) gives every rank the same step count,
+    which DDP needs, while validation stays unpadded so no structure counts twice."""
+    if pad and len(indices):
+        indices = np.resize(indices, -(-len(indices) // world) * world)
+    return indices[rank::world]
+
+
+def load_parts(path: str, rank: int, world: int, targets_of) -> tuple[Part, Part]:
+    """The train and validation shards of this rank, graphs read for those rows only."""
+    data = read_training_set(path, graphs=False)
+    train_rows = shard(data.split["train"], rank, world, pad=True)
+    val_rows = shard(data.split["val"], rank, world, pad=False)
+    needed = np.unique(np.concatenate([train_rows, val_rows]))
+    graphs = dict(zip(needed.tolist(), read_set_graphs(path, needed)))
+    targets = targets_of(data.dos)
+    return tuple(Part(rows, {int(r): graphs[int(r)] for r in rows}, targets[rows], data.dos[rows])
+                 for rows in (train_rows, val_rows))
+
+
+def batches(part: Part, batch_size: int, device, order: np.ndarray | None = None):
+    """(graph batch, targets, spectra) tensors in `order` (default: stored order)."""
+    order = np.arange(len(part.rows)) if order is None else order
+    for start in range(0, len(order), batch_size):
+        pick = order[start:start + batch_size]
+        graphs = [part.graphs[int(part.rows[i])] for i in pick]
+        yield (to_tensors(collate(graphs), device),
+               torch.as_tensor(part.targets[pick], device=device),
+               torch.as_tensor(part.dos[pick], device=device))
+
+
+def train_epoch(net: nn.Module, part: Part, optimizer, scheduler, loss_name: str,
+                batch_size: int, order: np.ndarray, device, amp: bool) -> float:
+    """One pass over this rank's shard; returns the mean training loss."""
+    net.train()
+    total, steps = 0.0, 0
+    for graphs, targets, _ in batches(part, batch_size, device, order):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = net(graphs)
+        loss = LOSSES[loss_name](pred.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total, steps = total + loss.item(), steps + 1
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def validation_mae(net: nn.Module, decode, part: Part, batch_size: int, device,
+                   amp: bool) -> float:
+    """Mean over validation structures of the spectrum MAE, summed over all ranks.
+
+    `net` is the bare module, not DDP: ranks hold different numbers of validation batches,
+    and a DDP forward would wait for the others.
+    """
+    net.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for graphs, _, dos in batches(part, batch_size, device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = decode(net(graphs))
+        sums += torch.stack([(pred.float() - dos).abs().mean(1).sum().double(),
+                             torch.tensor(len(dos), dtype=torch.float64, device=device)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    return float(sums[0] / sums[1]) if sums[1] else float("nan")
+
+
+@dataclass
+class Task:
+    """What a worker trains: `model` is what gets saved, `trainable` the part DDP wraps,
+    `decode` maps its output to a spectrum and `targets_of` maps spectra to its targets."""
+
+    model: nn.Module
+    trainable: nn.Module
+    decode: object
+    targets_of: object
+
+
+def make_task(settings: dict) -> Task:
+    """D-ALIGNN learns spectra; AE-ALIGNN learns the latent of a frozen, pre-trained autoencoder."""
+    if settings["arch"] == "d-alignn":
+        model = build_model("d-alignn", settings["config"])
+        return Task(model, model, lambda out: out, lambda dos: dos)
+    autoencoder = DOSAutoencoder(settings["latent"])
+    autoencoder.load_state_dict(torch.load(settings["autoencoder"], weights_only=True)["weights"])
+    model = build_model("ae-alignn", {**settings["config"], "latent": settings["latent"]})
+    model.decoder.load_state_dict(autoencoder.decoder.state_dict())
+    model.decoder.requires_grad_(False)
+    return Task(model, model.alignn, model.decoder, lambda dos: encode(autoencoder, dos))
+
+
+@torch.no_grad()
+def encode(autoencoder: DOSAutoencoder, dos: np.ndarray) -> np.ndarray:
+    return autoencoder.encoder(torch.as_tensor(dos)).numpy()
+
+
+def fit_autoencoder(settings: dict, out: Path) -> Path:
+    """Train the DOS autoencoder on the training spectra (MSE), keeping the weights with the best
+    validation reconstruction MAE. Runs in the driver: it is small next to ALIGNN. A rerun of
+    the same run reuses out_dir/autoencoder.pt."""
+    path = out / "autoencoder.pt"
+    key = {name: settings[name] for name in ("data_hash", "latent", "seed", "ae_epochs")}
+    if path.exists() and torch.load(path, weights_only=True)["key"] == key:
+        return path
+    data = read_training_set(settings["data"], graphs=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_dos, val_dos = (torch.as_tensor(data.dos[data.split[name]], device=device)
+                          for name in ("train", "val"))
+    torch.manual_seed(settings["seed"])
+    model = DOSAutoencoder(settings["latent"]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=WEIGHT_DECAY)
+    order = np.random.default_rng(settings["seed"])
+    best, best_epoch, weights = math.inf, 0, None
+    for epoch in range(1, settings["ae_epochs"] + 1):
+        model.train()
+        for pick in np.array_split(order.permutation(len(train_dos)),
+                                   -(-len(train_dos) // AE_BATCH)):
+            loss = nn.functional.mse_loss(model(train_dos[pick]), train_dos[pick])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            val = float((model(val_dos) - val_dos).abs().mean())
+        if math.isnan(val) or val < best:
+            best, best_epoch = val, epoch
+            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= settings["patience"]:
+            break
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": key, "weights": weights, "val_mae": best, "best_epoch": best_epoch}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def new_state(settings: dict) -> dict:
+    return {"epoch": 0, "best_epoch": 0, "best_val_mae": math.inf, "best_weights": None,
+            "history": [], "early_stopped": False, "resumed_at": [],
+            "settings": {key: settings[key] for key in RESUME_KEYS}}
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete epoch checkpoint in out_dir; a partly copied one is passed over."""
+    found = {}
+    for state_file in (out / RUN_NAME).glob("checkpoint_*/state.pt"):
+        try:
+            found[torch.load(state_file, weights_only=True)["epoch"]] = state_file.parent
+        except (RuntimeError, EOFError, KeyError, OSError):
+            continue
+    return found[max(found)] if found else None
+
+
+def resumable_state(checkpoint: Path, settings: dict) -> dict:
+    """The saved state of a run, refusing to continue one that trained something else."""
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    changed = [key for key in RESUME_KEYS if state["settings"].get(key) != settings[key]]
+    if changed:
+        raise ResumeError(f"{checkpoint.parent.parent} holds a run with other "
+                         f"{', '.join(changed)}: train into a new out_dir")
+    return state
+
+
+def train_loop(settings: dict) -> None:
+    """Ray Train worker: resume from the latest checkpoint, then run epochs until the last one
+    or until validation MAE has not improved for `patience` epochs."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(settings["seed"])
+    task = make_task(settings)
+    train_part, val_part = load_parts(settings["data"], rank, world, task.targets_of)
+    resume = settings.get("resume_from")
+    state = restore(task.model, Path(resume)) if resume else new_state(settings)
+    task.model.to(device)
+    net = ray.train.torch.prepare_model(  # the last layers' edge updates feed no output
+        task.trainable, parallel_strategy_kwargs={"find_unused_parameters": True})
+    steps = -(-len(train_part.rows) // settings["batch_size"])
+    optimizer, scheduler = optimizers(task.trainable, settings, steps)
+    if resume:
+        optimizer.load_state_dict(state.pop("optimizer"))
+        scheduler.load_state_dict(state.pop("scheduler"))
+        log(rank, f"resumed after epoch {state['epoch']} from {resume}")
+    for epoch in range(state["epoch"] + 1, settings["epochs"] + 1):
+        start = time.perf_counter()
+        order = np.random.default_rng([settings["seed"], epoch, rank]).permutation(
+            len(train_part.rows))
+        loss = train_epoch(net, train_part, optimizer, scheduler, settings["loss"],
+                           settings["batch_size"], order, device, settings["amp"])
+        val = validation_mae(task.trainable, task.decode, val_part, settings["batch_size"],
+                             device, settings["amp"])
+        row = {"epoch": epoch, "train_loss": mean_over_ranks(loss, device), "val_mae": val,
+               "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start}
+        advance(state, row, task.model, settings["patience"])
+        report(state, task.model, optimizer, scheduler, rank)
+        log(rank, "epoch {epoch:4d}  loss {train_loss:.5f}  val MAE {val_mae:.5f}  "
+                  "lr {lr:.2e}  {seconds:.1f} s".format(**row))
+        if state["early_stopped"]:
+            log(rank, f"early stop: no better validation MAE for {settings['patience']} epochs")
+            break
+
+
+def restore(model: nn.Module, checkpoint: Path) -> dict:
+    """Weights into `model`; returns the saved state (history, best, optimizer, scheduler)."""
+    saved, _ = load_checkpoint(checkpoint / "model.pt")
+    model.load_state_dict(saved.state_dict())
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    state["resumed_at"].append(state["epoch"] + 1)
+    return state
+
+
+def optimizers(module: nn.Module, settings: dict, steps_per_epoch: int):
+    """AdamW with a one-cycle schedule over all planned steps (early stopping just cuts it)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=settings["lr"], total_steps=settings["epochs"] * steps_per_epoch)
+    return optimizer, scheduler
+
+
+def mean_over_ranks(value: float, device) -> float:
+    if not torch.distributed.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor) / torch.distributed.get_world_size()
+
+
+def advance(state: dict, row: dict, model: nn.Module, patience: int) -> None:
+    """Record an epoch; keep the weights when validation improved (or cannot be measured)."""
+    state["history"].append(row)
+    state["epoch"] = row["epoch"]
+    if math.isnan(row["val_mae"]) or row["val_mae"] < state["best_val_mae"]:
+        state["best_epoch"], state["best_val_mae"] = row["epoch"], row["val_mae"]
+        state["best_weights"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state["early_stopped"] = row["epoch"] - state["best_epoch"] >= patience
+
+
+def report(state: dict, model: nn.Module, optimizer, scheduler, rank: int) -> None:
+    """Every rank reports the epoch; rank 0 attaches the checkpoint directory."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            write_checkpoint(Path(tmp), state, model, optimizer, scheduler)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(state["history"][-1], checkpoint=checkpoint)
+
+
+def write_checkpoint(folder: Path, state: dict, model: nn.Module, optimizer, scheduler) -> None:
+    """model.pt (a normal checkpoint, usable on its own) and state.pt (all a resume needs)."""
+    save_checkpoint(folder / "model.pt", model, {"epoch": state["epoch"]})
+    torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               folder / "state.pt")
+
+
+def log(rank: int, line: str) -> None:
+    """Progress from rank 0 through logging: Ray Train shows a worker's print twice."""
+    if rank == 0:
+        logging.getLogger(__name__).info(line)
+
+
+def finish(checkpoint: Path, settings: dict, out: Path) -> dict:
+    """out_dir/model.pt: the best weights, with the split, data hash and metrics in its meta."""
+    model, _ = load_checkpoint(checkpoint / "model.pt")
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    model.load_state_dict(state["best_weights"])
+    data = read_training_set(settings["data"], graphs=False)
+    metrics = {"best_epoch": state["best_epoch"], "val_mae": state["best_val_mae"],
+               "baseline_val_mae": baseline_mae(data), "epochs_run": state["epoch"],
+               "early_stopped": state["early_stopped"], "resumed_at": state["resumed_at"]}
+    if settings["arch"] == "ae-alignn":
+        metrics["reconstruction_val_mae"] = torch.load(settings["autoencoder"],
+                                                       weights_only=True)["val_mae"]
+    created = datetime.now(timezone.utc)
+    meta = {"model_id": f"{settings['arch']}-{settings['data_hash'][:8]}-{created:%Y%m%dT%H%M%S}",
+            "created": created.isoformat(timespec="seconds"), "data": settings["data"],
+            "data_hash": settings["data_hash"], "data_provenance": data.attrs,
+            "split": {name: rows.tolist() for name, rows in data.split.items()},
+            "training": {key: settings[key] for key in (*RESUME_KEYS, "patience", "amp")},
+            "metrics": metrics, "history": state["history"]}
+    save_checkpoint(out / "model.pt", model, meta)
+    write_metrics(out, state["history"], metrics)
+    return metrics
+
+
+def baseline_mae(data) -> float:
+    """Validation MAE of the mean training spectrum, the number a model has to beat."""
+    baseline = baseline_spectrum(data.dos[data.split["train"]])
+    return float(spectrum_mae(baseline, data.dos[data.split["val"]]).mean())
+
+
+def write_metrics(out: Path, history: list[dict], metrics: dict) -> None:
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=1))

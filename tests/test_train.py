@@ -1,0 +1,173 @@
+"""Training on the 10 real JARVIS eDOS records: steps, checkpoints, DDP on Ray, kill + resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from screener import train as training
+from screener.cli import main
+from screener.dataset import from_json, read_training_set, write_training_set
+from screener.model import build_model, load_checkpoint
+
+TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 16, "angle_rbf": 8, "alignn_layers": 1,
+        "gcn_layers": 1}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_path(shared_data, tmp_path_factory) -> Path:
+    sample = from_json(shared_data / "jarvis_edos_sample10.json")
+    path = tmp_path_factory.mktemp("data") / "sample10.h5"
+    write_training_set(path, sample.structures, sample.dos, sample.ref_gap, sample.provenance)
+    return path
+
+
+def settings_for(data_path: Path, **changes) -> dict:
+    return {"data": str(data_path), "data_hash": "test", "arch": "d-alignn", "latent": None,
+            "config": TINY, "batch_size": 4, "lr": 1e-2, "epochs": 20, "patience": 20,
+            "loss": "mse", "amp": False, "workers": 1, "seed": 0, "ae_epochs": 40, **changes}
+
+
+def local_run(settings: dict):
+    """What one worker holds, built without Ray: model, parts, optimizer, scheduler."""
+    torch.manual_seed(settings["seed"])
+    task = training.make_task(settings)
+    train_part, val_part = training.load_parts(settings["data"], 0, 1, task.targets_of)
+    steps = -(-len(train_part.rows) // settings["batch_size"])
+    optimizer, scheduler = training.optimizers(task.trainable, settings, steps)
+    return task, train_part, val_part, optimizer, scheduler
+
+
+def one_epoch(task, part, optimizer, scheduler, settings, epoch: int) -> float:
+    order = np.random.default_rng([settings["seed"], epoch, 0]).permutation(len(part.rows))
+    return training.train_epoch(task.trainable, part, optimizer, scheduler, settings["loss"],
+                                settings["batch_size"], order, torch.device("cpu"), False)
+
+
+def test_shards_have_equal_steps_and_cover_the_split():
+    rows = np.arange(7)
+    train = [training.shard(rows, r, 2, pad=True) for r in range(2)]
+    assert [len(s) for s in train] == [4, 4]
+    assert set(np.concatenate(train)) == set(rows)
+    val = [training.shard(rows[:1], r, 2, pad=False) for r in range(2)]
+    assert [len(s) for s in val] == [1, 0]
+
+
+def test_optimizer_steps_lower_the_loss(data_path):
+    settings = settings_for(data_path)
+    task, train_part, _, optimizer, scheduler = local_run(settings)
+    cpu = torch.device("cpu")
+    before = training.validation_mae(task.trainable, task.decode, train_part, 4, cpu, False)
+    losses = [one_epoch(task, train_part, optimizer, scheduler, settings, e) for e in range(1, 11)]
+    after = training.validation_mae(task.trainable, task.decode, train_part, 4, cpu, False)
+    assert losses[-1] < 0.2 * losses[0]
+    assert after < 0.5 * before
+
+
+def test_checkpoint_resume_gives_identical_weights(data_path, tmp_path):
+    """Two epochs straight equal one epoch, checkpoint, restore into a new worker, one epoch."""
+    settings = settings_for(data_path, epochs=2)
+    straight = local_run(settings)
+    for epoch in (1, 2):
+        one_epoch(*straight[:2], *straight[3:], settings, epoch)
+
+    first = local_run(settings)
+    state = training.new_state(settings)
+    loss = one_epoch(*first[:2], *first[3:], settings, 1)
+    training.advance(state, {"epoch": 1, "train_loss": loss, "val_mae": 0.1}, first[0].model, 5)
+    training.write_checkpoint(tmp_path, state, first[0].model, first[3], first[4])
+
+    resumed = local_run({**settings, "seed": 99})
+    saved = training.restore(resumed[0].model, tmp_path)
+    resumed[3].load_state_dict(saved["optimizer"])
+    resumed[4].load_state_dict(saved["scheduler"])
+    assert saved["epoch"] == 1 and saved["resumed_at"] == [2]
+    one_epoch(*resumed[:2], *resumed[3:], settings, 2)
+    for key, value in straight[0].model.state_dict().items():
+        torch.testing.assert_close(resumed[0].model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_resuming_another_run_is_refused(data_path, tmp_path):
+    settings = settings_for(data_path)
+    state = training.new_state(settings)
+    task, _, _, optimizer, scheduler = local_run(settings)
+    training.advance(state, {"epoch": 1, "train_loss": 1.0, "val_mae": 0.1}, task.model, 5)
+    folder = tmp_path / training.RUN_NAME / "checkpoint_0"
+    folder.mkdir(parents=True)
+    training.write_checkpoint(folder, state, task.model, optimizer, scheduler)
+    assert training.latest_checkpoint(tmp_path) == folder
+    with pytest.raises(ValueError, match="lr"):
+        training.resumable_state(folder, {**settings, "lr": 0.5})
+
+
+def test_autoencoder_learns_the_spectra_and_is_reused(data_path, tmp_path):
+    settings = settings_for(data_path, arch="ae-alignn", latent=4, data_hash="abc")
+    path = training.fit_autoencoder(settings, tmp_path)
+    saved = torch.load(path, weights_only=True)
+    data = read_training_set(data_path, graphs=False)
+    assert saved["val_mae"] < training.baseline_mae(data)
+    stamp = path.stat().st_mtime_ns
+    assert training.fit_autoencoder(settings, tmp_path) == path
+    assert path.stat().st_mtime_ns == stamp
+    task = training.make_task({**settings, "autoencoder": str(path)})
+    assert task.targets_of(data.dos).shape == (10, 4)
+    assert not any(p.requires_grad for p in task.model.decoder.parameters())
+
+
+@pytest.mark.slow
+def test_two_worker_ddp_from_the_cli(ray_local, data_path, tmp_path):
+    out = tmp_path / "run"
+    sets = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(main, ["train", str(data_path), "-o", str(out), "--workers", "2",
+                                       "--epochs", "2", "--batch-size", "4", *sets])
+    assert result.exit_code == 0, result.output
+    assert "validation MAE" in result.output
+    model, meta = load_checkpoint(out / "model.pt")
+    assert meta["arch"] == "d-alignn" and meta["training"]["workers"] == 2
+    data = read_training_set(data_path, graphs=False)
+    assert meta["split"]["test"] == data.split["test"].tolist()
+    assert len(meta["data_hash"]) == 64
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2]
+    assert (out / "metrics.csv").read_text().startswith("epoch,train_loss,val_mae")
+    assert type(model) is type(build_model("d-alignn", TINY))
+
+
+@pytest.mark.slow
+def test_killed_ae_alignn_training_resumes_from_its_last_checkpoint(ray_local, data_path, tmp_path):
+    out = tmp_path / "run"
+    options = {"arch": "ae-alignn", "latent": 4, "ae_epochs": 20, "epochs": 5, "patience": 5,
+               "batch_size": 4, "config": TINY}
+    code = (f"from screener.train import train; train({str(data_path)!r}, {str(out)!r}, "
+            f"address={ray_local.get_runtime_context().gcs_address!r}, **{options!r})")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "job.log"
+    with open(log, "w") as sink:
+        job = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=sink, stderr=sink)
+    try:
+        deadline = time.monotonic() + 240
+        while training.latest_checkpoint(out) is None:
+            assert job.poll() is None, f"training ended before a checkpoint:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "no epoch checkpoint within 240 s"
+            time.sleep(0.2)
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    killed_at = torch.load(training.latest_checkpoint(out) / "state.pt")["epoch"]
+    assert 1 <= killed_at < options["epochs"]
+
+    metrics = training.train(data_path, out, **options)
+    assert metrics["resumed_at"] == [killed_at + 1]
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == list(range(1, options["epochs"] + 1))
+    assert np.isfinite(metrics["reconstruction_val_mae"])
+    model, meta = load_checkpoint(out / "model.pt")
+    assert meta["arch"] == "ae-alignn" and model.latent_size == 4
