@@ -257,6 +257,8 @@ def train_command(data_path, out_dir, arch, latent, latent_sweep, overrides, **o
                        f"end-to-end MAE {row['val_mae']:.4f}  (baseline {row['baseline_val_mae']:.4f})")
         return
     metrics = train.train(data_path, out_dir, arch=arch, latent=latent, **options)
+    if "reconstruction_val_mae" in metrics:
+        click.echo(f"autoencoder reconstruction MAE {metrics['reconstruction_val_mae']:.4f}")
     click.echo(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}: validation MAE "
                f"{metrics['val_mae']:.4f} (baseline {metrics['baseline_val_mae']:.4f}) -> {out_dir}/model.pt")
 
