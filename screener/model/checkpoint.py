@@ -58,7 +58,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> str:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "energy_grid": torch.tensor(grid),
         "normalization": str(meta.pop("normalization", NORMALIZATION)),
-        "meta": plain(meta, "meta"),
+        "meta": _plain(meta, "meta"),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -81,21 +81,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     meta is the saved meta plus arch, config, model_id (saved, else the file stem), hash (sha256
     of the file), energy_grid and normalization.
     """
-    payload, meta = read(path)
+    payload, meta = _read(path)
     model = build_model(payload["arch"], payload["config"])
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit its {payload['arch']} config: {exc}")
+        raise CheckpointError(
+            f"{path}: weights do not fit its {payload['arch']} config: {exc}") from exc
     return model.to(device).eval(), meta
 
 
 def checkpoint_info(path: str | Path) -> dict:
     """The meta of `load_checkpoint`, without building the model."""
-    return read(path)[1]
+    return _read(path)[1]
 
 
-def read(path: str | Path) -> tuple[dict, dict]:
+def _read(path: str | Path) -> tuple[dict, dict]:
     """(raw payload, meta) of a checkpoint file, or CheckpointError naming the file."""
     path = Path(path)
     data = path.read_bytes()
@@ -121,16 +122,16 @@ def read(path: str | Path) -> tuple[dict, dict]:
     return payload, meta
 
 
-def plain(value: object, where: str) -> object:
+def _plain(value: object, where: str) -> object:
     """`value` in types `torch.load(weights_only=True)` accepts: numpy values become Python's."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, (np.ndarray, np.generic)):
-        return plain(value.tolist(), where)
+        return _plain(value.tolist(), where)
     if isinstance(value, dict):
-        return {plain(k, where): plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
     for kind in (bool, int, float, str, bytes):
         if isinstance(value, kind):
             return kind(value)
