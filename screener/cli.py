@@ -1,4 +1,6 @@
 """The `screen` command line: parse, call one function, print. Heavy imports stay inside commands."""
+from pathlib import Path
+
 import click
 
 from screener.errors import ScreenerError
@@ -65,9 +67,10 @@ def run(structures, bandgap, out_dir, model, address, device, workers, batch_siz
         click.echo(f"  ... {len(failures) - 20} more failures: screen failures {out_dir}", err=True)
     if bandgap is not None:
         rows = store.query(out_dir, bandgap=bandgap)
-        store.write_csv(rows, f"{out_dir}/shortlist.csv")
+        shortlist = Path(out_dir) / "shortlist.csv"
+        store.write_csv(rows, shortlist)
         click.echo(f"shortlisted {len(rows['ids'])} with {bandgap[0]} <= gap <= {bandgap[1]} eV "
-                   f"-> {out_dir}/shortlist.csv")
+                   f"-> {shortlist}")
         click.echo(store.format_table(rows))
     if strict and summary.n_failed:
         raise SystemExit(f"--strict: {summary.n_failed} structures failed")
