@@ -7,6 +7,7 @@ The file's keys are `screen run` options (see `screen run --help`); the job join
 cluster it was submitted to (`address = "auto"` unless the file says otherwise).
 """
 import sys
+
 import tomllib
 
 from screener.cli import main

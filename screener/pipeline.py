@@ -1,12 +1,14 @@
 """The screening job on Ray: sources → graph shards (CPU tasks) → prediction shards (actor pool).
 
 The driver only streams small `Source` handles and shard names; structures, graphs and spectra
-live in the workers and on disk, so driver memory does not grow with the input. A chunk's
-shards are registered in the manifest only once complete, which makes a rerun of the same
-command skip finished work and produce every id exactly once.
+live in the workers and on disk, so driver memory grows only by the ids it has seen (to refuse
+repeated ids). A chunk's shards are registered in the manifest only once complete, and checked
+again before a rerun skips them, so a rerun of the same command redoes only missing or damaged
+work and accounts for every input exactly once.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -18,7 +20,10 @@ import numpy as np
 import ray
 
 from screener import store
-from screener.structures import Failure, Source, discover, load
+from screener.dos import N_BINS
+from screener.structures import MAX_ATOMS, Failure, Source, Structure, discover, load
+
+Progress = Callable[[str, int], None]
 
 
 @dataclass
@@ -31,7 +36,7 @@ class RunOptions:
     workers: int | None = None
     batch_size: int = 64
     shard_size: int = 256
-    progress: bool = True
+    max_atoms: int = MAX_ATOMS
 
 
 @dataclass
@@ -40,12 +45,29 @@ class Summary:
     n_failed: int = 0
     n_predicted: int = 0
     n_skipped_shards: int = 0
+    damaged: list[str] = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
         return self.n_read / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The inputs of one shard: sources to read, and failures for ids that came before."""
+
+    index: int
+    sources: list[Source]
+    duplicates: list[Failure]
+    digest: str
+
+    def __len__(self) -> int:
+        return len(self.sources) + len(self.duplicates)
+
+    def shard(self, kind: str) -> str:
+        return store.shard_name(kind, self.index)
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
@@ -55,23 +77,58 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def build_graph_shard(sources: list[Source], path: str, attrs: dict) -> dict:
-    """Read, validate and graph one chunk; every source ends as a graph or a failure."""
+def chunks(sources: Iterable[Source], size: int) -> Iterator[Chunk]:
+    """Chunks of `size` inputs in input order; a repeated id fails, naming its first origin.
+
+    The id -> first origin map is the one driver state that grows with the input: about 200
+    bytes per structure, 0.2 GB per million.
+    """
+    first: dict[str, str] = {}
+    for index, batch in enumerate(chunked(sources, size)):
+        unique, duplicates = [], []
+        for source in batch:
+            if source.id in first:
+                reason = f"duplicate id, also at {first[source.id]}"
+                duplicates.append(Failure(source.id, source.origin, "read", reason))
+            else:
+                first[source.id] = source.origin
+                unique.append(source)
+        yield Chunk(index, unique, duplicates, store.ids_digest(s.id for s in batch))
+
+
+def graph_or_failure(source: Source, max_atoms: int = MAX_ATOMS
+                     ) -> tuple[Structure, dict] | Failure:
+    """Read, validate and graph one input; never raises, so one input cannot fail its chunk.
+
+    `max_atoms` keeps structures too large for a worker's memory away from graphs and model.
+    """
     from screener.graphs import build_graph
 
+    item = load(source)
+    if isinstance(item, Failure):
+        return item
+    if item.n_atoms > max_atoms:
+        reason = f"{item.n_atoms} atoms, more than this run's limit of {max_atoms} (max_atoms)"
+        return Failure(item.id, item.source, "validate", reason)
+    try:
+        return item, build_graph(item.lattice, item.positions, item.numbers)
+    except Exception as exc:  # noqa: BLE001 - any graph error fails this structure only
+        return Failure(item.id, item.source, "graph", _describe(exc))
+
+
+def build_graph_shard(chunk: Chunk, path: str | Path, attrs: dict, max_atoms: int = MAX_ATOMS
+                      ) -> dict:
+    """Graph one chunk into one shard, in which every input is a graph or a failure."""
     t0 = time.perf_counter()
-    structures, graphs, failures = [], [], []
-    for item in map(load, sources):
-        if isinstance(item, Failure):
-            failures.append(item)
-            continue
-        try:
-            graphs.append(build_graph(item.lattice, item.positions, item.numbers))
-            structures.append(item)
-        except Exception as exc:  # noqa: BLE001 - any graph error fails this structure only
-            failures.append(Failure(item.id, item.source, "graph", f"{type(exc).__name__}: {exc}"))
+    structures, graphs, failures = [], [], list(chunk.duplicates)
+    for outcome in (graph_or_failure(source, max_atoms) for source in chunk.sources):
+        if isinstance(outcome, Failure):
+            failures.append(outcome)
+        else:
+            structures.append(outcome[0])
+            graphs.append(outcome[1])
     record = store.write_graph_shard(path, structures, graphs, failures, attrs)
-    return {**record, "seconds": time.perf_counter() - t0}
+    return {**record, "node": _node_id(), "seconds": time.perf_counter() - t0}
 
 
 class Predictor:
@@ -87,35 +144,55 @@ class Predictor:
         self.model, self.meta = load_checkpoint(model_path, device)
 
     def predict_shard(self, graph_path: str, out_path: str, batch_size: int, attrs: dict) -> dict:
-        """Predict every graph of a shard; a structure that cannot be predicted fails alone."""
-        from screener.predict import predict_dos, spectral_columns
+        """Predict every graph of a shard; a structure that cannot be predicted fails alone.
+
+        The prediction shard repeats its graph shard's failures, so it accounts for every input
+        of the chunk and a resumed run recognises it by its ids.
+        """
+        from screener.predict import spectral_columns
 
         t0 = time.perf_counter()
-        table, graphs, _ = store.read_graph_shard(graph_path)
-        failures: list[Failure] = []
-        try:
-            dos = predict_dos(self.model, graphs, batch_size, self.device)
-            keep = np.ones(len(graphs), dtype=bool)
-        except RuntimeError:
-            dos, keep = self._predict_one_by_one(graphs, table, failures)
-        table = {key: np.asarray(col)[keep] for key, col in table.items()}
-        table.update(dos=dos[keep], **spectral_columns(dos[keep]))
+        table, graphs, failures = store.read_graph_shard(graph_path)
+        dos, errors = self._predict(graphs, batch_size)
+        failures += [Failure(str(table["ids"][i]), str(table["source"][i]), "predict", reason)
+                     for i, reason in errors.items()]
+        ok = np.ones(len(graphs), dtype=bool)
+        ok[list(errors)] = False
+        table = {key: np.asarray(col)[ok] for key, col in table.items()}
+        table.update(dos=dos[ok], **spectral_columns(dos[ok]))
         record = store.write_prediction_shard(out_path, table, failures, attrs)
-        return {**record, "seconds": time.perf_counter() - t0}
+        return {**record, "node": _node_id(), "seconds": time.perf_counter() - t0}
 
-    def _predict_one_by_one(self, graphs, table, failures):
+    def _predict(self, graphs: list[dict], batch_size: int) -> tuple[np.ndarray, dict[int, str]]:
+        """Spectra, and why each graph that could not be predicted failed.
+
+        When a batch fails, out of memory for instance (torch raises a RuntimeError, numpy a
+        MemoryError), each graph is tried alone; outside the handler, so that the failed batch's
+        tensors, held by the traceback, are freed first.
+        """
         from screener.predict import predict_dos
 
-        dos = np.zeros((len(graphs), 300), dtype=np.float32)
-        keep = np.ones(len(graphs), dtype=bool)
+        with contextlib.suppress(Exception):
+            return predict_dos(self.model, graphs, batch_size, self.device), {}
+        dos = np.zeros((len(graphs), N_BINS), dtype=np.float32)
+        errors = {}
         for i, graph in enumerate(graphs):
             try:
                 dos[i] = predict_dos(self.model, [graph], 1, self.device)[0]
-            except RuntimeError as exc:
-                keep[i] = False
-                reason = f"prediction failed ({graph['numbers'].size} atoms): {exc}"
-                failures.append(Failure(str(table["ids"][i]), str(table["source"][i]), "predict", reason))
-        return dos, keep
+            except Exception as exc:  # noqa: BLE001 - this structure fails alone
+                errors[i] = f"prediction failed ({graph['numbers'].size} atoms): {_describe(exc)}"
+        return dos, errors
+
+
+def _node_id() -> str | None:
+    """The Ray node a shard was made on, kept in its manifest record to trace where work ran;
+    None when called outside Ray, which must not start a Ray just to ask."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def connect(address: str | None) -> None:
@@ -154,118 +231,156 @@ def default_model() -> Path:
     return path
 
 
-def run(opts: RunOptions, on_progress: Callable[[str, int], None] | None = None) -> Summary:
+def run(opts: RunOptions, on_progress: Progress | None = None) -> Summary:
     """Screen every structure under `opts.structures`; resumable, see the module docstring."""
     from screener.model import checkpoint_info
 
     t_start = time.perf_counter()
     out = Path(opts.out_dir)
-    (out / "graphs").mkdir(parents=True, exist_ok=True)
-    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    for kind in store.KINDS:
+        (out / kind).mkdir(parents=True, exist_ok=True)
     model_info = checkpoint_info(opts.model)
     attrs = {"model_id": model_info["model_id"], "model_hash": model_info["hash"]}
     config = {"model_hash": model_info["hash"], "input": str(Path(opts.structures).resolve()),
-              "shard_size": opts.shard_size}
+              "shard_size": opts.shard_size, "max_atoms": opts.max_atoms}
     manifest = store.Manifest.open(out, config)
 
     t0 = time.perf_counter()
     connect(opts.address)
     summary = Summary(stage_seconds={"ray_start": time.perf_counter() - t0})
-    n_actors, actor_opts, threads = predictor_resources(opts.device, opts.workers)
-    device = "cuda" if actor_opts.get("num_gpus") else "cpu"
-    actor_cls = ray.remote(Predictor).options(max_restarts=3, max_task_retries=3, **actor_opts)
-    actors = [actor_cls.remote(str(opts.model), device, threads) for _ in range(n_actors)]
-    graph_task = ray.remote(build_graph_shard).options(num_cpus=1, max_retries=3)
-    max_graph_inflight = max(2, int(ray.cluster_resources().get("CPU", 1)))
-
-    chunks = enumerate(chunked(discover(opts.structures), opts.shard_size))
-    graph_refs: dict = {}
-    pred_refs: dict = {}
-    ready: deque = deque()
-    idle = deque(actors)
-    exhausted = False
-    while True:
-        while not exhausted and len(graph_refs) < max_graph_inflight and len(ready) < 2 * n_actors:
-            nxt = next(chunks, None)
-            if nxt is None:
-                exhausted = True
-                break
-            index, sources = nxt
-            digest = store.ids_digest(s.id for s in sources)
-            gname, pname = store.shard_name("graphs", index), store.shard_name("predictions", index)
-            if manifest.has(pname, digest):
-                summary.n_skipped_shards += 1
-                if on_progress:
-                    on_progress("graphs", len(sources))
-                _count(summary, manifest.shards[pname], len(sources), on_progress)
-            elif manifest.has(gname, digest):
-                if on_progress:
-                    on_progress("graphs", len(sources))
-                ready.append((index, digest, len(sources)))
-            else:
-                ref = graph_task.remote(sources, str(out / gname), attrs)
-                graph_refs[ref] = (index, digest, sources)
-        while idle and ready:
-            index, digest, n = ready.popleft()
-            actor = idle.popleft()
-            ref = actor.predict_shard.remote(
-                str(out / store.shard_name("graphs", index)), str(out / store.shard_name("predictions", index)),
-                opts.batch_size, attrs,
-            )
-            pred_refs[ref] = (index, digest, n, actor)
-        if not graph_refs and not pred_refs:
-            if exhausted and not ready:
-                break
-            continue
-        done, _ = ray.wait(list(graph_refs) + list(pred_refs), num_returns=1)
-        ref = done[0]
-        if ref in graph_refs:
-            index, digest, sources = graph_refs.pop(ref)
-            info = _result_or_failure(ref, sources, "graph", out / store.shard_name("graphs", index), attrs)
-            manifest.add(store.shard_name("graphs", index), info)
-            _add_seconds(summary, "graphs", info)
-            if on_progress:
-                on_progress("graphs", len(sources))
-            ready.append((index, digest, len(sources)))
-        else:
-            index, digest, n, actor = pred_refs.pop(ref)
-            idle.append(actor)
-            gpath = out / store.shard_name("graphs", index)
-            info = _prediction_or_failure(ref, gpath, out / store.shard_name("predictions", index), attrs)
-            manifest.add(store.shard_name("predictions", index), info)
-            _add_seconds(summary, "predict", info)
-            _count(summary, manifest.shards[store.shard_name("predictions", index)], n, on_progress)
+    driver = _Driver(opts, manifest, attrs, summary, on_progress or (lambda stage, n: None))
+    driver.drive(chunks(discover(opts.structures), opts.shard_size))
     summary.seconds = time.perf_counter() - t_start
     return summary
 
 
-def _count(summary: Summary, entry: dict, n_sources: int, on_progress) -> None:
-    summary.n_read += n_sources
-    summary.n_predicted += entry["n"]
-    summary.n_failed += n_sources - entry["n"]
-    if on_progress:
-        on_progress("predict", n_sources)
+class _Driver:
+    """The driver loop: chunks go to graph tasks, then wait for an idle prediction actor.
+
+    At most one graph task per CPU and two chunks per actor wait, so memory stays flat.
+    """
+
+    def __init__(self, opts: RunOptions, manifest: store.Manifest, attrs: dict, summary: Summary,
+                 on_progress: Progress) -> None:
+        self.opts, self.manifest, self.attrs = opts, manifest, attrs
+        self.out = Path(opts.out_dir)
+        self.summary, self.on_progress = summary, on_progress
+        n_actors, actor_opts, threads = predictor_resources(opts.device, opts.workers)
+        device = "cuda" if actor_opts.get("num_gpus") else "cpu"
+        # Restarts are unlimited because they count over the actor's life: a long campaign
+        # would otherwise end with a dead pool. A chunk that kills its actor every time fails
+        # after max_task_retries.
+        actor_cls = ray.remote(Predictor).options(max_restarts=-1, max_task_retries=3, **actor_opts)
+        self.idle = deque(actor_cls.remote(str(opts.model), device, threads)
+                          for _ in range(n_actors))
+        self.max_ready = 2 * n_actors
+        self.graph_task = ray.remote(build_graph_shard).options(num_cpus=1, max_retries=3)
+        self.max_graphs = max(2, int(ray.cluster_resources().get("CPU", 1)))
+        self.graphs: dict[ray.ObjectRef, Chunk] = {}
+        self.predictions: dict[ray.ObjectRef, tuple[Chunk, ray.actor.ActorHandle]] = {}
+        self.ready: deque[Chunk] = deque()
+
+    def drive(self, pending: Iterator[Chunk]) -> None:
+        exhausted = False
+        while True:
+            while not exhausted and self._has_room():
+                chunk = next(pending, None)
+                exhausted = chunk is None
+                if chunk is not None:
+                    self._start(chunk)
+            while self.idle and self.ready:
+                self._predict(self.ready.popleft(), self.idle.popleft())
+            if self.graphs or self.predictions:
+                self._collect()
+            elif exhausted and not self.ready:
+                return
+
+    def _has_room(self) -> bool:
+        return len(self.graphs) < self.max_graphs and len(self.ready) < self.max_ready
+
+    def _start(self, chunk: Chunk) -> None:
+        """Skip a chunk whose shards are intact, otherwise build what is missing."""
+        if self._intact(chunk.shard("predictions"), chunk.digest):
+            self.summary.n_skipped_shards += 1
+            self.on_progress("graphs", len(chunk))
+            self._count(chunk, self.manifest.shards[chunk.shard("predictions")])
+        elif self._intact(chunk.shard("graphs"), chunk.digest):
+            self.on_progress("graphs", len(chunk))
+            self.ready.append(chunk)
+        else:
+            path = str(self.out / chunk.shard("graphs"))
+            ref = self.graph_task.remote(chunk, path, self.attrs, self.opts.max_atoms)
+            self.graphs[ref] = chunk
+
+    def _intact(self, name: str, digest: str) -> bool:
+        """Whether the shard is listed for these ids and still holds the bytes recorded when it
+        was written and read back. Size and sha256 cost less than opening the HDF5 file: 0.3 ms
+        for a 200-structure prediction shard, 5 ms for its graph shard. A damaged shard is
+        unlisted at once, so readers skip it until it is made again."""
+        if not self.manifest.has(name, digest):
+            return False
+        path, recorded = self.out / name, self.manifest.shards[name]
+        try:
+            intact = (path.stat().st_size == recorded["size"]
+                      and store.file_sha256(path) == recorded["sha256"])
+        except OSError:  # deleted or unreadable
+            intact = False
+        if not intact:
+            self.manifest.discard(name)
+            self.summary.damaged.append(name)
+        return intact
+
+    def _predict(self, chunk: Chunk, actor: ray.actor.ActorHandle) -> None:
+        graphs, predictions = (str(self.out / chunk.shard(kind)) for kind in store.KINDS)
+        ref = actor.predict_shard.remote(graphs, predictions, self.opts.batch_size, self.attrs)
+        self.predictions[ref] = (chunk, actor)
+
+    def _collect(self) -> None:
+        """Record the next finished task; a task that failed for good still ends as a shard."""
+        (ref,), _ = ray.wait([*self.graphs, *self.predictions], num_returns=1)
+        if ref in self.graphs:
+            chunk = self.graphs.pop(ref)
+            info = _result_or(ref, lambda reason: self._graph_failures(chunk, reason))
+            self.manifest.add(chunk.shard("graphs"), info)
+            self._add_seconds("graphs", info)
+            self.on_progress("graphs", len(chunk))
+            self.ready.append(chunk)
+        else:
+            chunk, actor = self.predictions.pop(ref)
+            self.idle.append(actor)
+            info = _result_or(ref, lambda reason: self._prediction_failures(chunk, reason))
+            self.manifest.add(chunk.shard("predictions"), info)
+            self._add_seconds("predict", info)
+            self._count(chunk, info)
+
+    def _graph_failures(self, chunk: Chunk, reason: str) -> dict:
+        failures = [*chunk.duplicates, *(Failure(s.id, s.origin, "graph", reason)
+                                         for s in chunk.sources)]
+        path = self.out / chunk.shard("graphs")
+        return store.write_graph_shard(path, [], [], failures, self.attrs)
+
+    def _prediction_failures(self, chunk: Chunk, reason: str) -> dict:
+        table, _, failures = store.read_graph_shard(self.out / chunk.shard("graphs"))
+        failures += [Failure(str(i), str(s), "predict", reason)
+                     for i, s in zip(table["ids"], table["source"])]
+        return store.write_prediction_shard(self.out / chunk.shard("predictions"),
+                                            store.empty_prediction_table(), failures, self.attrs)
+
+    def _count(self, chunk: Chunk, entry: dict) -> None:
+        self.summary.n_read += len(chunk)
+        self.summary.n_predicted += entry["n"]
+        self.summary.n_failed += len(chunk) - entry["n"]
+        self.on_progress("predict", len(chunk))
+
+    def _add_seconds(self, stage: str, info: dict) -> None:
+        seconds = self.summary.stage_seconds
+        seconds[stage] = seconds.get(stage, 0.0) + info.get("seconds", 0.0)
 
 
-def _add_seconds(summary: Summary, stage: str, info: dict) -> None:
-    summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + info.get("seconds", 0.0)
-
-
-def _result_or_failure(ref, sources: list[Source], stage: str, path: Path, attrs: dict) -> dict:
-    """A chunk whose worker died for good still ends as a shard: all its ids become failures."""
+def _result_or(ref: ray.ObjectRef, failed: Callable[[str], dict]) -> dict:
+    """The task's shard record, or, when its worker failed for good (retries spent), the record
+    of a shard that `failed` writes with every input of the chunk as a failure."""
     try:
         return ray.get(ref)
     except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-        reason = f"{stage} worker failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        failures = [Failure(s.id, s.origin, stage, reason) for s in sources]
-        return store.write_graph_shard(str(path), [], [], failures, attrs)
-
-
-def _prediction_or_failure(ref, graph_path: Path, path: Path, attrs: dict) -> dict:
-    try:
-        return ray.get(ref)
-    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-        reason = f"predict worker failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        table, _, _ = store.read_graph_shard(str(graph_path))
-        failures = [Failure(str(i), str(s), "predict", reason) for i, s in zip(table["ids"], table["source"])]
-        return store.write_prediction_shard(str(path), store.empty_prediction_table(), failures, attrs)
+        return failed(f"worker failed: {_describe(exc)}")

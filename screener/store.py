@@ -413,6 +413,11 @@ class Manifest:
         self.shards[name] = dict(info)
         self._save()
 
+    def discard(self, name: str) -> None:
+        """Unlist a shard found damaged, so that readers skip it until it is written again."""
+        if self.shards.pop(name, None) is not None:
+            self._save()
+
     def has(self, name: str, ids_sha256: str | None = None) -> bool:
         """Whether shard `name` is complete (and, given a digest, made from those same ids)."""
         info = self.shards.get(name)

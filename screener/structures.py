@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import numpy as np
 MAX_ATOMS = 5000
 MIN_DISTANCE = 0.5
 MIN_VOLUME_PER_ATOM = 1e-3
+MAX_LENGTH = 1e4
+MAX_OBLIQUITY = 30.0
 FILE_TYPES = "POSCAR*, CONTCAR*, *.vasp, *.poscar, *.cif, *.xyz, *.extxyz, *.json, *.json.gz"
 
 _ID_PREFIX = re.compile(r"^(POSCAR|CONTCAR)[-_]")
@@ -175,11 +178,11 @@ def _records(file: Path) -> list:
     if file.name.lower().endswith(".gz"):
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as error:
+        except (OSError, EOFError, zlib.error) as error:
             raise _Problem("read", f"not readable gzip data: {error}") from error
     try:
         records = json.loads(_decode(data))
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:  # also a 5000-digit number, or deep nesting
         raise _Problem("validate", f"invalid JSON: {error}") from error
     records = [records] if isinstance(records, dict) else records
     if not isinstance(records, list):
@@ -235,7 +238,10 @@ def _from_record(atoms: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if coords.ndim != 2 or coords.shape[1] != 3:
         raise _Problem("validate", f"coords has shape {coords.shape}, expected (n, 3)")
     positions = coords if atoms.get("cartesian", False) else coords @ lattice
-    return lattice, positions, [str(symbol) for symbol in atoms["elements"]]
+    elements = atoms["elements"]
+    if not isinstance(elements, list) or not all(isinstance(e, str) for e in elements):
+        raise _Problem("validate", f"elements is not a list of element symbols: {elements!r:.60}")
+    return lattice, positions, elements
 
 
 def _number_array(value: object, name: str) -> np.ndarray:
@@ -394,12 +400,13 @@ def _parse_xyz(text: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     try:
         symbols = [row[species] for row in rows]
         positions = np.array([row[position:position + 3] for row in rows], dtype=np.float64)
+        positions = positions.reshape(n_atoms, 3)
     except (IndexError, ValueError):
         i = next(i for i, row in enumerate(rows) if len(row) <= species
                  or not _leading_numbers(" ".join(row[position:position + 3]), 3))
         raise _Problem("validate", f"line {i + 3} should hold a symbol and 3 coordinates, "
                                    f"found {lines[i + 2].strip()!r}") from None
-    return lattice, positions.reshape(n_atoms, 3), symbols
+    return lattice, positions, symbols
 
 
 def _xyz_lattice(header: str) -> np.ndarray:
@@ -421,6 +428,9 @@ def _xyz_columns(header: str) -> tuple[int, int]:
     spec = fields.get("properties", "species:S:1:pos:R:3").split(":")
     columns, start = {}, 0
     for name, count in zip(spec[0::3], spec[2::3]):
+        if not count.isdigit():
+            raise _Problem("validate", f"Properties on line 2 gives {name} {count!r} columns, "
+                                       "not a whole number")
         columns[name] = start
         start += int(count)
     if "species" not in columns or "pos" not in columns:
@@ -453,8 +463,29 @@ def _structure(source: Source, lattice: np.ndarray, positions: np.ndarray,
     i, j, distance = _closest_pair(lattice, positions)
     if distance < MIN_DISTANCE:
         raise _Problem("validate", _closeness(i, j, distance, symbols))
+    problem = _cell_shape_problem(lattice, volume)
+    if problem:
+        raise _Problem("validate", problem)
     return Structure(source.id, source.origin, np.ascontiguousarray(lattice),
                      np.ascontiguousarray(positions), numbers)
+
+
+def _cell_shape_problem(lattice: np.ndarray, volume: float) -> str | None:
+    """A cell too big or too oblique for the graph's neighbour search, which walks images of
+    the cell as given: a vector longer than MAX_LENGTH, or one more than MAX_OBLIQUITY times
+    the spacing of the lattice planes it crosses (a reduced cell's ratio is below 2). The
+    images searched grow as the cube of that ratio, about 160 ratio^3 points in all: 100 MB
+    at the limit, terabytes for the bases a fuzzer makes."""
+    lengths = np.linalg.norm(lattice, axis=1)
+    if lengths.max() > MAX_LENGTH:
+        i = int(np.argmax(lengths))
+        return f"lattice vector {i + 1} is {lengths[i]:.3g} A long, more than {MAX_LENGTH:g} A"
+    spacings = volume / np.linalg.norm(np.cross(lattice[[1, 2, 0]], lattice[[2, 0, 1]]), axis=1)
+    i = int(np.argmax(lengths / spacings))
+    if lengths[i] > MAX_OBLIQUITY * spacings[i]:
+        return (f"lattice vector {i + 1} is {lengths[i]:.3g} A long but its lattice planes are "
+                f"{spacings[i]:.3g} A apart: too oblique a basis, use a reduced (Niggli) cell")
+    return None
 
 
 def _closeness(i: int, j: int, distance: float, symbols: list[str]) -> str:

@@ -1,9 +1,17 @@
-"""Shared fixtures: the real data beside the checkout and one local Ray per session."""
+"""Shared fixtures and checks: the real data beside the checkout, one local Ray per session,
+a tiny model, and the exactly-once check every screening test makes."""
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 16, "angle_rbf": 8, "alignn_layers": 1,
+        "gcn_layers": 1}
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +30,53 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained D-ALIGNN small enough that prediction costs next to nothing."""
+    import torch
+
+    from screener.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(path, build_model("d-alignn", TINY), {"model_id": "tiny-test"})
+    return path
+
+
+def screen_cmd(*args: str) -> list[str]:
+    """`screen run` in a fresh interpreter, for runs that are killed or run beside the test."""
+    return [sys.executable, "-m", "screener.cli", "run", "--quiet", *args]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with start_new_session=True and its group, which holds any
+    Ray it started (Ray workers lead their own groups but exit with their raylet); reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def all_ids(results: Path) -> list[str]:
+    """Ids of every prediction and failure, repeats kept."""
+    from screener import store
+
+    predicted = list(store.read_predictions(results, columns=["ids"])["ids"])
+    failed = [f.id for f in store.read_failures(results)]
+    return [str(i) for i in predicted + failed]
+
+
+def complete_ids(results: Path) -> list[str]:
+    """all_ids, after checking that the results dir holds exactly its manifest: every shard
+    file listed with its size and sha256, none listed missing, no half-written file left."""
+    from screener import store
+
+    manifest = store.Manifest.load(results)
+    files = {p.relative_to(results).as_posix() for kind in store.KINDS
+             for p in (results / kind).iterdir()}
+    assert files == set(manifest.shards), f"files not as listed: {files ^ set(manifest.shards)}"
+    for name, info in manifest.shards.items():
+        assert (results / name).stat().st_size == info["size"], name
+        assert store.file_sha256(results / name) == info["sha256"], name
+    return all_ids(results)

@@ -5,36 +5,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import all_ids, complete_ids, screen_cmd
 
 from screener import store
 from screener.cli import main
-from screener.model import build_model, save_checkpoint
 from screener.pipeline import RunOptions, run
-
-TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 16, "angle_rbf": 8, "alignn_layers": 1, "gcn_layers": 1}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(path, build_model("d-alignn", TINY), {"model_id": "tiny-test"})
-    return path
-
-
-def all_ids(results: Path) -> list[str]:
-    predicted = list(store.read_predictions(results, columns=["ids"])["ids"])
-    failed = [f.id for f in store.read_failures(results)]
-    return [str(i) for i in predicted + failed]
 
 
 def test_poscar_folder_completes_exactly_once(ray_local, shared_data, tiny_model, tmp_path):
@@ -55,7 +36,7 @@ def broken_folder(shared_data: Path, root: Path) -> dict[str, str]:
     root.mkdir()
     for name in sorted(os.listdir(shared_data / "poscar"))[:6]:
         shutil.copy(shared_data / "poscar" / name, root / name)
-    good = (shared_data / "poscar" / sorted(os.listdir(shared_data / "poscar"))[0]).read_text()
+    good = (shared_data / "poscar" / min(os.listdir(shared_data / "poscar"))).read_text()
     (root / "empty.vasp").write_text("")
     (root / "junk.vasp").write_bytes(bytes(range(256)) * 8)
     (root / "truncated.vasp").write_text("\n".join(good.splitlines()[:7]))
@@ -87,10 +68,6 @@ def test_broken_files_become_failures_and_good_ones_survive(ray_local, shared_da
     assert result.exit_code != 0 and "5 structures failed" in result.output
 
 
-def screen_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "screener.cli", "run", "--quiet", *args]
-
-
 @pytest.mark.slow
 def test_killed_driver_resumes_with_every_id_once(shared_data, tiny_model, tmp_path):
     out = tmp_path / "killed"
@@ -111,7 +88,7 @@ def test_killed_driver_resumes_with_every_id_once(shared_data, tiny_model, tmp_p
     done_before = len(json.loads((out / "manifest.json").read_text())["shards"])
     assert 0 < done_before
     subprocess.run(args, check=True, timeout=600)
-    ids = all_ids(out)
+    ids = complete_ids(out)
     assert len(ids) == len(set(ids)) == 201
     assert (out / "shortlist.csv").exists()
 
