@@ -4,13 +4,15 @@ Plain numpy arrays, so graphs can be built in CPU workers, stored in HDF5 and ba
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 K = 16
 _TIE = 1e-8
 _GROW = 1.3
 _START = 1.2
-_CHUNK = 1 << 20
+_BRUTE_MAX = 4096  # centres x images above which a k-d tree beats the full distance matrix
 
 
 def build_graph(lattice, positions, numbers, k: int = K) -> dict[str, np.ndarray]:
@@ -98,26 +100,28 @@ def _nearest_within(lattice, heights, positions, k: int, cutoff: float):
     k-th distance below cutoff is the true one.
     """
     reach = np.floor(cutoff / heights).astype(np.int64) + 1
-    shifts = _image_shifts(reach) @ lattice
+    shifts = _image_shifts(*reach.tolist()) @ lattice
     images = (positions[:, None, :] + shifts).reshape(-1, 3)
     per_atom = len(shifts)
-    self_image = per_atom // 2
-    step = max(1, _CHUNK // len(images))
-    parts = []
-    for start in range(0, len(positions), step):
-        centres = np.arange(start, min(start + step, len(positions)))
-        cols = _select(images, positions[centres], centres * per_atom + self_image, k, cutoff)
+    self_cols = np.arange(len(positions)) * per_atom + per_atom // 2
+    if len(positions) * len(images) > _BRUTE_MAX:
+        cols = _select_tree(images, positions, self_cols, k, cutoff)
         if cols is None:
             return None
-        parts.append(cols)
-    cols = np.concatenate(parts)
+        return cols // per_atom, images[cols] - positions[:, None, :]
+    cols = _select(images, positions, self_cols, k, cutoff)
+    if cols is None:
+        return None
     return cols // per_atom, images[cols] - positions[:, None, :]
 
 
-def _image_shifts(reach: np.ndarray) -> np.ndarray:
+@lru_cache(maxsize=64)
+def _image_shifts(*reach: int) -> np.ndarray:
     """Integer image offsets in lexicographic order (the tie-break order), zero in the middle."""
     axes = [np.arange(-r, r + 1) for r in reach]
-    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3).astype(np.float64)
+    shifts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3).astype(np.float64)
+    shifts.setflags(write=False)
+    return shifts
 
 
 def _select(images, centres, self_cols, k: int, cutoff: float):
@@ -138,6 +142,28 @@ def _select(images, centres, self_cols, k: int, cutoff: float):
     counts = np.bincount(cand_rows, minlength=len(centres))
     firsts = np.cumsum(counts) - counts
     return cand_cols[order[firsts[:, None] + np.arange(k)]]
+
+
+def _select_tree(images, centres, self_cols, k: int, cutoff: float, extra: int = 8):
+    """`_select` for large cells: a k-d tree shortlists k + 1 + extra images per centre (self
+    included), enough once the last lies beyond every k-th neighbour's tie window."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(images)
+    while True:
+        reached, cols = tree.query(centres, k=k + 1 + extra, distance_upper_bound=cutoff)
+        found = cols < len(images)
+        cols = np.where(found, cols, self_cols[:, None])
+        dist = np.linalg.norm(images[cols] - centres[:, None, :], axis=-1)
+        dist[(cols == self_cols[:, None]) | ~found] = np.inf
+        order = np.lexsort((cols, np.rint(dist / _TIE)), axis=1)
+        cols, dist = np.take_along_axis(cols, order, 1), np.take_along_axis(dist, order, 1)
+        kth = dist[:, k - 1]
+        if np.any(kth + 2 * _TIE > cutoff):
+            return None
+        if np.all(reached[:, -1] > kth + 3 * _TIE) or k + 1 + extra >= len(images):
+            return cols[:, :k]
+        extra *= 2
 
 
 def _angle_cos(edge_vec: np.ndarray, k: int) -> np.ndarray:
