@@ -60,6 +60,8 @@ def run(structures, bandgap, out_dir, model, address, device, workers, batch_siz
         f"read {summary.n_read}  failed {summary.n_failed}  predicted {summary.n_predicted}  "
         f"({summary.rate:.1f} structures/s, {summary.seconds:.1f} s; {summary.n_skipped_shards} shards resumed)"
     )
+    stages = ", ".join(f"{stage} {sec:.1f} s" for stage, sec in summary.stage_seconds.items())
+    click.echo(f"stage time (summed over workers): {stages}")
     for name in summary.damaged:
         click.echo(f"  recomputed damaged shard {name}", err=True)
     failures = store.read_failures(out_dir)

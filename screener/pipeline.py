@@ -269,8 +269,11 @@ class _Driver:
         device = "cuda" if actor_opts.get("num_gpus") else "cpu"
         # Restarts are unlimited because they count over the actor's life: a long campaign
         # would otherwise end with a dead pool. A chunk that kills its actor every time fails
-        # after max_task_retries.
-        actor_cls = ray.remote(Predictor).options(max_restarts=-1, max_task_retries=3, **actor_opts)
+        # after max_task_retries. CPU actors share cores with graph tasks; passive OpenMP waits
+        # stop idle torch threads from spinning on a core another process needs.
+        actor_cls = ray.remote(Predictor).options(
+            max_restarts=-1, max_task_retries=3,
+            runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}, **actor_opts)
         self.idle = deque(actor_cls.remote(str(opts.model), device, threads)
                           for _ in range(n_actors))
         self.max_ready = 2 * n_actors
