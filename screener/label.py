@@ -1,0 +1,338 @@
+"""Label structures with DFT (GPAW, see screener.dft): one Ray task per structure, crash-safe.
+
+A label costs minutes, so every finished structure, labelled or failed, is written at once to
+`<out>.parts/` as a small JSON file (tmp + rename): a killed run loses only the calculations in
+flight, and a rerun skips every structure that has a part. `export` turns the parts into the
+training-set HDF5. Each calculation runs in a child process of its task, so a wall-time limit
+can kill it without taking the Ray worker, or the run, down with it.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from screener.dataset import JARVIS_GAP_KEY, _gap
+from screener.dft import Settings, calculate_with_timeout, provenance
+from screener.structures import Failure, Source, Structure, discover, load
+
+ORDERS = ("input", "small-first")
+STAGE = "label"
+_RECORD_ORIGIN = re.compile(r"^(?P<file>.+\.json(\.gz)?)\[(?P<index>\d+)\]$")
+_SETTINGS_FILE = "settings.json"
+
+
+@dataclass
+class LabelSummary:
+    """What one call did: counts over the selected structures, new work separately."""
+
+    n_selected: int = 0
+    n_already: int = 0
+    n_labelled: int = 0
+    n_failed: int = 0
+    seconds: float = 0.0
+    failures: list[Failure] = field(default_factory=list)
+    exported: ExportSummary | None = None
+
+
+@dataclass
+class ExportSummary:
+    path: Path
+    n_labelled: int
+    n_failed: int
+
+
+def parts_dir(out: str | Path) -> Path:
+    """The work folder of an output file: labels.h5 -> labels.h5.parts/."""
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def label(structures: str | Path, out: str | Path, settings: Settings | None = None,
+          address: str | None = None, workers: int | None = None, timeout: float = 600.0,
+          limit: int | None = None, order: str = "input", retry_failed: bool = False,
+          progress: bool = True) -> LabelSummary:
+    """Label every selected structure that has no part yet, then export all parts to `out`."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    settings = settings or Settings()
+    parts = parts_dir(out)
+    _check_settings(parts, settings)
+    selected = select(read_inputs(structures), order, limit)
+    done = finished_ids(parts, retry_failed)
+    n_already = sum(item.id in done for item, _ in selected)
+    summary = LabelSummary(n_selected=len(selected), n_already=n_already)
+    todo = [(item, ref_gap) for item, ref_gap in selected if item.id not in done]
+    with tqdm(total=len(todo), desc="label", unit="structure", disable=not progress) as bar:
+        def record(part: dict) -> None:
+            _record(parts, part, summary)
+            bar.set_postfix(done=summary.n_labelled, failed=summary.n_failed, refresh=False)
+            bar.update()
+
+        for item, ref_gap in todo:
+            if isinstance(item, Failure):
+                record(_failure_part(item, ref_gap, 0.0))
+        structures_todo = [(item, gap) for item, gap in todo if not isinstance(item, Failure)]
+        if structures_todo:
+            _run_tasks(structures_todo, parts, settings, address, workers, timeout, record)
+    summary.seconds = time.perf_counter() - start
+    if any(p["status"] == "ok" for p in read_parts(parts)):
+        summary.exported = export(out)
+    return summary
+
+
+def read_inputs(path: str | Path) -> list[tuple[Structure | Failure, float]]:
+    """(structure or why it cannot be read, JARVIS reference gap or NaN) per input.
+
+    A .csv is a shortlist from `screen run` (columns id or ids, and source); anything else
+    goes through structures.discover.
+    """
+    path = Path(path)
+    sources = _shortlist_sources(path) if path.suffix.lower() == ".csv" else discover(path)
+    return [(load(source), reference_gap(source.origin)) for source in sources]
+
+
+def _shortlist_sources(path: Path) -> Iterator[Source]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    key = "id" if rows and "id" in rows[0] else "ids"
+    if rows and (key not in rows[0] or "source" not in rows[0]):
+        raise ValueError(f"{path}: a shortlist needs an 'id' and a 'source' column, "
+                         f"found {list(rows[0])}")
+    for row in rows:
+        record = _record_of(row["source"])
+        atoms = None if record is None else record.get("atoms")
+        if record is not None and not isinstance(atoms, dict):
+            atoms = {}
+        yield Source(row[key], row["source"], atoms)
+
+
+def reference_gap(origin: str) -> float:
+    """The JARVIS optB88vdW gap of a JSON record input, NaN for files and unknown gaps."""
+    record = _record_of(origin)
+    return _gap(record.get(JARVIS_GAP_KEY)) if record is not None else math.nan
+
+
+def _record_of(origin: str) -> dict | None:
+    """The full JSON record behind a 'file.json.gz[17]' origin; None for other inputs."""
+    match = _RECORD_ORIGIN.match(origin)
+    if match is None:
+        return None
+    records = _records(match["file"])
+    index = int(match["index"])
+    record = records[index] if index < len(records) else {}
+    return record if isinstance(record, dict) else {}
+
+
+@cache
+def _records(file: str) -> list:
+    with (gzip.open(file, "rt") if file.endswith(".gz") else open(file)) as f:
+        records = json.load(f)
+    return [records] if isinstance(records, dict) else records
+
+
+def select(items: list[tuple[Structure | Failure, float]], order: str,
+           limit: int | None) -> list[tuple[Structure | Failure, float]]:
+    """Put the inputs in `order` and keep the first `limit`; failures first, they cost nothing."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+    failed = [item for item in items if isinstance(item[0], Failure)]
+    good = [item for item in items if not isinstance(item[0], Failure)]
+    if order == "small-first":
+        good = small_first(good)
+    return (failed + good)[:limit]
+
+
+def small_first(items: list[tuple[Structure, float]]) -> list[tuple[Structure, float]]:
+    """Fewest atoms first; among equal sizes, structures bringing unseen elements go first.
+
+    DFT time grows steeply with cell size, so small cells give the most labels per hour; the
+    element rule spreads the first labels over as much chemistry as the sizes allow.
+    """
+    ordered, seen = [], set()
+    by_size = sorted(items, key=lambda item: (item[0].n_atoms, item[0].id))
+    for _, band in itertools.groupby(by_size, key=lambda item: item[0].n_atoms):
+        rest = list(band)
+        while rest:
+            best = max(rest, key=lambda item: len(set(item[0].numbers.tolist()) - seen))
+            if not set(best[0].numbers.tolist()) - seen:
+                break
+            ordered.append(best)
+            seen |= set(best[0].numbers.tolist())
+            rest.remove(best)
+        ordered.extend(rest)
+    return ordered
+
+
+def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Settings,
+               address: str | None, workers: int | None, timeout: float,
+               record: Callable[[dict], None]) -> None:
+    """Keep `workers` tasks in flight (one CPU each) and record each result as it arrives.
+
+    A task that Ray itself loses (its worker or node died) becomes that structure's failure.
+    """
+    from screener.pipeline import connect
+
+    connect(address)
+    slots = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    logs = str(parts / "logs")
+    queue = iter(todo)
+    in_flight = {}
+    for item in itertools.islice(queue, slots):
+        in_flight[label_task.remote(*item, settings, timeout, logs)] = item
+    while in_flight:
+        [ready], _ = ray.wait(list(in_flight), num_returns=1)
+        structure, ref_gap = in_flight.pop(ready)
+        try:
+            record(ray.get(ready))
+        except ray.exceptions.RayError as error:
+            failure = Failure(structure.id, structure.source, STAGE, f"Ray task lost: {error}")
+            record(_failure_part(failure, ref_gap, 0.0, structure))
+        for item in itertools.islice(queue, 1):
+            in_flight[label_task.remote(*item, settings, timeout, logs)] = item
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def label_task(structure: Structure, ref_gap: float, settings: Settings, timeout: float,
+               logs: str) -> dict:
+    """One structure's part. Its GPAW log is kept (in `logs`, on the worker) only on failure."""
+    start = time.perf_counter()
+    log = Path(logs) / f"{_key(structure.id)}.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    result = calculate_with_timeout(structure, settings, timeout, str(log))
+    if isinstance(result, str):
+        failure = Failure(structure.id, structure.source, STAGE, f"{result} (log: {log})")
+        return _failure_part(failure, ref_gap, time.perf_counter() - start, structure)
+    log.unlink(missing_ok=True)
+    fields = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in asdict(result).items()}
+    return {**_structure_fields(structure), "status": "ok", "ref_gap": ref_gap, **fields}
+
+
+def _structure_fields(structure: Structure) -> dict:
+    return {"id": structure.id, "source": structure.source,
+            "lattice": structure.lattice.tolist(), "positions": structure.positions.tolist(),
+            "numbers": structure.numbers.tolist()}
+
+
+def _failure_part(failure: Failure, ref_gap: float, wall_time: float,
+                  structure: Structure | None = None) -> dict:
+    fields = _structure_fields(structure) if structure is not None else {}
+    return {**fields, "id": failure.id, "source": failure.source, "status": "failed",
+            "stage": failure.stage, "reason": failure.reason, "ref_gap": ref_gap,
+            "wall_time": wall_time}
+
+
+def _record(parts: Path, part: dict, summary: LabelSummary) -> None:
+    write_part(parts, part)
+    if part["status"] == "ok":
+        summary.n_labelled += 1
+    else:
+        summary.n_failed += 1
+        summary.failures.append(_as_failure(part))
+
+
+def _key(structure_id: str) -> str:
+    """A file name for any id: ids may hold '/' (folder inputs) or be very long."""
+    return hashlib.sha1(structure_id.encode()).hexdigest()[:20]
+
+
+def write_part(parts: Path, part: dict) -> None:
+    """Write one structure's part durably: tmp file, fsync, rename."""
+    parts.mkdir(parents=True, exist_ok=True)
+    path = parts / f"{_key(part['id'])}.json"
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(part, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_parts(parts: Path) -> list[dict]:
+    """Every finished part, sorted by id (the order of the exported training set)."""
+    if not parts.is_dir():
+        return []
+    found = []
+    for path in parts.glob("*.json"):
+        if path.name != _SETTINGS_FILE:
+            with open(path) as f:
+                found.append(json.load(f))
+    return sorted(found, key=lambda part: part["id"])
+
+
+def finished_ids(parts: Path, retry_failed: bool = False) -> set[str]:
+    return {p["id"] for p in read_parts(parts) if p["status"] == "ok" or not retry_failed}
+
+
+def _check_settings(parts: Path, settings: Settings) -> None:
+    """Refuse to resume with other settings: one training set, one level of theory."""
+    parts.mkdir(parents=True, exist_ok=True)
+    path = parts / _SETTINGS_FILE
+    wanted = asdict(settings)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != wanted:
+            raise ValueError(f"{parts} was labelled with {stored}, not {wanted}: use another "
+                             "output or the same settings")
+    else:
+        path.write_text(json.dumps(wanted))
+
+
+def _as_failure(part: dict) -> Failure:
+    return Failure(part["id"], part["source"], part["stage"], part["reason"])
+
+
+def export(out: str | Path) -> ExportSummary:
+    """Consolidate the parts into the training set `out`; failures go to `<out>.failures.csv`."""
+    from screener.dataset import write_training_set
+
+    out = Path(out)
+    parts = parts_dir(out)
+    found = read_parts(parts)
+    ok = [p for p in found if p["status"] == "ok"]
+    failed = [_as_failure(p) for p in found if p["status"] != "ok"]
+    if not ok:
+        raise ValueError(f"{parts}: no labelled structure to export")
+    settings = Settings(**json.loads((parts / _SETTINGS_FILE).read_text()))
+    structures = [Structure(p["id"], p["source"], np.array(p["lattice"]),
+                            np.array(p["positions"]).reshape(-1, 3),
+                            np.array(p["numbers"], dtype=np.int64)) for p in ok]
+    meta = {**provenance(settings), "source": f"screen label ({parts})",
+            "ref_gap": f"JARVIS {JARVIS_GAP_KEY} of the input record, NaN where it has none",
+            "n_failed": len(failed)}
+    write_training_set(out, structures, np.array([p["dos"] for p in ok]),
+                       np.array([p["ref_gap"] for p in ok], dtype=np.float32), meta,
+                       extra=_extra(ok))
+    _write_failures(out.with_name(out.name.removesuffix(".h5") + ".failures.csv"), failed)
+    return ExportSummary(out, len(ok), len(failed))
+
+
+def _extra(ok: list[dict]) -> dict[str, np.ndarray]:
+    """Per-structure DFT results beside the DOS: eV, relative to the energy zero e_fermi."""
+    floats = ("gap", "vbm", "cbm", "e_fermi", "energy", "n_electrons", "wall_time")
+    extra = {("gpaw_gap" if k == "gap" else k): np.array([p[k] for p in ok]) for k in floats}
+    extra["kpts"] = np.array([p["kpts"] for p in ok], dtype=np.int64)
+    return extra
+
+
+def _write_failures(path: Path, failed: list[Failure]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "source", "stage", "reason"])
+        writer.writerows([f.id, f.source, f.stage, f.reason] for f in failed)
+    os.replace(tmp, path)

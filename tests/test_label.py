@@ -1,0 +1,151 @@
+"""DFT labelling on real JARVIS cells: physical DOS, gaps, failures, timeouts, exact resume."""
+import csv
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from screener.cli import main
+from screener.dataset import read_training_set
+from screener.dft import Settings
+from screener.dos import E_STEP, ENERGY_GRID, band_gap
+from screener.label import label, parts_dir, read_inputs, select, small_first
+from screener.structures import Failure
+
+FAST = Settings(kpt_density=1.0)
+CELLS = ("JVASP-816", "JVASP-1014", "JVASP-116", "JVASP-1130", "JVASP-7577")  # Al Ta MgO LiF Si
+# JVASP-7577 is one Si atom in a 20 A box: its 3p shell is half filled, so it has no gap.
+
+
+def _records(shared_data: Path) -> list[dict]:
+    with gzip.open(shared_data / "jarvis_structures.json.gz", "rt") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_data, tmp_path_factory) -> Path:
+    """The cells as JARVIS records, plus a record with two atoms 0.1 A apart."""
+    records = {r["jid"]: r for r in _records(shared_data)}
+    chosen = [records[jid] for jid in CELLS]
+    bad = json.loads(json.dumps(records["JVASP-116"]))
+    bad["jid"] = "overlapping-atoms"
+    bad["atoms"]["coords"][1] = [0.1, 0.0, 0.0]
+    path = tmp_path_factory.mktemp("inputs") / "cells.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(chosen + [bad], f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def labelled(inputs, tmp_path_factory, ray_local):
+    pytest.importorskip("gpaw")
+    out = tmp_path_factory.mktemp("labels") / "labels.h5"
+    return out, label(inputs, out, FAST, workers=2, timeout=300, progress=False)
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_labels_are_real_normalized_spectra(labelled):
+    out, summary = labelled
+    assert (summary.n_selected, summary.n_labelled, summary.n_failed) == (6, 5, 1)
+    data = read_training_set(out)
+    assert list(data.ids) == sorted(CELLS)
+    assert data.dos.shape == (5, 300) and np.isfinite(data.dos).all() and (data.dos >= 0).all()
+    row = dict(zip(data.ids, range(5)))
+    lif = data.dos[row["JVASP-1130"]]
+    # F 2p holds 6 of GPAW's 8 LiF valence electrons and lies wholly inside the window:
+    # per spin and per electron that is 6 / 16, so grid, broadening and normalization lose nothing.
+    assert lif[ENERGY_GRID < 0].sum() * E_STEP == pytest.approx(6 / 16, abs=1e-3)
+    assert data.extra["n_electrons"][row["JVASP-1130"]] == 8
+    assert data.attrs["code"].startswith("GPAW ") and data.attrs["spin"] == "unpolarised"
+    kpts = data.extra["kpts"]
+    assert ((kpts % 2 == 0) | (kpts == 1)).all() and (data.extra["wall_time"] > 0).all()
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_gaps_from_eigenvalues_and_reference(labelled):
+    out, _ = labelled
+    data = read_training_set(out)
+    gap = dict(zip(data.ids, data.extra["gpaw_gap"]))
+    ref = dict(zip(data.ids, data.ref_gap))
+    assert gap["JVASP-816"] == gap["JVASP-1014"] == gap["JVASP-7577"] == 0
+    assert 3.5 < gap["JVASP-116"] < 6.5 and 7.0 < gap["JVASP-1130"] < 11.0  # PBE MgO 4.5, LiF 9
+    assert ref["JVASP-1130"] == pytest.approx(9.479) and ref["JVASP-816"] == 0
+    for i, jid in enumerate(data.ids):
+        vbm, cbm = data.extra["vbm"][i], data.extra["cbm"][i]
+        assert cbm - vbm == pytest.approx(gap[jid])
+        if gap[jid] > 0:
+            assert vbm == pytest.approx(-0.5) and band_gap(data.dos[i])[0] == pytest.approx(
+                gap[jid], abs=0.5)
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_bad_structure_is_a_recorded_failure(labelled):
+    out, summary = labelled
+    [failure] = summary.failures
+    assert failure.id == "overlapping-atoms" and failure.stage == "validate"
+    with open(out.with_name("labels.failures.csv")) as f:
+        [row] = list(csv.DictReader(f))
+    assert row["id"] == "overlapping-atoms" and row["reason"] == failure.reason
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_rerun_computes_nothing(labelled, inputs):
+    out, _ = labelled
+    parts = sorted(parts_dir(out).glob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in parts]
+    result = CliRunner().invoke(main, ["label", "--structures", str(inputs), "-o", str(out),
+                                       "--kpt-density", "1.0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "6 already done, 0 labelled, 0 failed" in result.output
+    assert [p.stat().st_mtime_ns for p in parts] == stamps
+    export = CliRunner().invoke(main, ["label", "-o", str(out), "--export-only"])
+    assert export.exit_code == 0 and "5 labelled, 1 failed" in export.output
+    other = CliRunner().invoke(main, ["label", "--structures", str(inputs), "-o", str(out)])
+    assert other.exit_code != 0 and "was labelled with {'kpt_density': 1.0" in other.output
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_timeout_fails_the_structure_and_the_run_goes_on(inputs, tmp_path, ray_local):
+    pytest.importorskip("gpaw")
+    out = tmp_path / "slow.h5"
+    summary = label(inputs, out, FAST, workers=1, timeout=1, limit=3, progress=False)
+    timed_out = [f for f in summary.failures if f.stage == "label"]
+    assert len(timed_out) == 2 and summary.n_labelled == 0 and summary.exported is None
+    assert all(f.reason.startswith("timed out after 1 s") for f in timed_out)
+
+
+def test_small_first_spreads_chemistry(shared_data):
+    items = [(s, g) for s, g in read_inputs(shared_data / "jarvis_structures.json.gz")
+             if not isinstance(s, Failure)]
+    ordered = [s for s, _ in small_first(items)]
+    sizes = [s.n_atoms for s in ordered]
+    assert sizes == sorted(sizes) and len(ordered) == len(items)
+    seen = {z for s in ordered if s.n_atoms == 1 for z in s.numbers.tolist()}
+    new = []
+    for pair in (s for s in ordered if s.n_atoms == 2):
+        new.append(bool(set(pair.numbers.tolist()) - seen))
+        seen |= set(pair.numbers.tolist())
+    first_old = new.index(False)
+    assert first_old > 10 and not any(new[first_old:])
+
+
+def test_shortlist_csv_rereads_records_with_their_gaps(shared_data, tmp_path):
+    source = shared_data / "jarvis_structures.json.gz"
+    shortlist = tmp_path / "shortlist.csv"
+    shortlist.write_text(f"id,source,band_gap\nJVASP-A,{source}[0],1.5\nJVASP-B,{source}[5],1.4\n"
+                         f"missing,{tmp_path / 'POSCAR-nothing'},1.5\n")
+    records = _records(shared_data)
+    [(a, gap_a), (b, _), (missing, gap_missing)] = read_inputs(shortlist)
+    assert a.id == "JVASP-A" and a.n_atoms == len(records[0]["atoms"]["elements"])
+    assert gap_a == records[0]["optb88vdw_bandgap"] and b.source == f"{source}[5]"
+    assert isinstance(missing, Failure) and math.isnan(gap_missing)
+    assert [s.id for s, _ in select(read_inputs(shortlist), "input", 2)] == ["missing", "JVASP-A"]
