@@ -24,7 +24,7 @@ from tqdm import tqdm
 from screener.dos import N_BINS, normalize, to_grid, valence_electrons
 from screener.errors import ScreenerError
 from screener.graphs import build_graph
-from screener.store import SchemaError, _screener_version, file_sha256, read_graphs, write_graphs
+from screener.store import SchemaError, file_sha256, read_graphs, screener_version, write_graphs
 from screener.structures import Failure, Source, Structure, load
 
 SCHEMA_VERSION = 1
@@ -125,7 +125,7 @@ def _write(f: h5py.File, structures, graphs, dos, ref_gap, provenance, extra, se
     text = h5py.string_dtype()
     f.attrs.update(kind=KIND, schema_version=SCHEMA_VERSION, n_structures=len(structures),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   screener_version=_screener_version(), provenance=json.dumps(provenance))
+                   screener_version=screener_version(), provenance=json.dumps(provenance))
     f.create_dataset("ids", data=[s.id for s in structures], dtype=text)
     f.create_dataset("formula", data=[s.formula for s in structures], dtype=text)
     f.create_dataset("dos", data=dos, compression="gzip", chunks=(min(len(dos), 256), N_BINS))
@@ -241,7 +241,7 @@ def from_records(records: Iterable[dict], origin: str, provenance: dict) -> Labe
             continue
         structures.append(structure)
         rows.append(record["edos_up"])
-        gaps.append(_gap(record.get(JARVIS_GAP_KEY)))
+        gaps.append(reference_gap_value(record.get(JARVIS_GAP_KEY)))
     return Labelled(structures, _rows(rows), np.array(gaps, dtype=np.float32),
                     provenance, skipped)
 
@@ -263,7 +263,7 @@ def target_problem(values) -> str | None:
     return None
 
 
-def _gap(value) -> float:
+def reference_gap_value(value) -> float:
     """A record's reference gap; JARVIS writes 'na' where it is unknown."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
@@ -312,7 +312,7 @@ def merge_ref_gaps(labelled: Labelled, path: str | Path, key: str = JARVIS_GAP_K
     """
     path = Path(path)
     with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
-        known = {str(r.get("jid") or r.get("id")): _gap(r.get(key)) for r in json.load(f)}
+        known = {str(r.get("jid") or r.get("id")): reference_gap_value(r.get(key)) for r in json.load(f)}
     filled = 0
     for i, structure in enumerate(labelled.structures):
         gap = known.get(structure.id, float("nan"))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from screener.dataset import JARVIS_GAP_KEY, _gap
+from screener.dataset import JARVIS_GAP_KEY, reference_gap_value
 from screener.dft import Settings, calculate_with_timeout, provenance
 from screener.structures import Failure, Source, Structure, discover, load
 
@@ -124,7 +124,7 @@ def _shortlist_sources(path: Path) -> Iterator[Source]:
 def reference_gap(origin: str) -> float:
     """The JARVIS optB88vdW gap of a JSON record input, NaN for files and unknown gaps."""
     record = _record_of(origin)
-    return _gap(record.get(JARVIS_GAP_KEY)) if record is not None else math.nan
+    return reference_gap_value(record.get(JARVIS_GAP_KEY)) if record is not None else math.nan
 
 
 def _record_of(origin: str) -> dict | None:

@@ -72,7 +72,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _screener_version() -> str:
+def screener_version() -> str:
     try:
         return metadata.version("dos-screener")
     except metadata.PackageNotFoundError:  # running from a source checkout
@@ -111,7 +111,7 @@ class ShardWriter:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.attrs = {**attrs, "schema_version": SCHEMA_VERSION, "kind": kind,
-                      "screener_version": _screener_version(),
+                      "screener_version": screener_version(),
                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.info: dict[str, Any] | None = None
 

@@ -56,7 +56,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> str:
         "arch": model.arch,
         "config": model.config_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "energy_grid": torch.tensor(grid),
+        "energy_grid": torch.from_numpy(grid.copy()),
         "normalization": str(meta.pop("normalization", NORMALIZATION)),
         "meta": _plain(meta, "meta"),
     }
