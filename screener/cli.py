@@ -296,8 +296,10 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Wall-time limit per structure, seconds.")
 @click.option("--limit", type=int, help="Only the first N structures after ordering.")
-@click.option("--order", type=click.Choice(["input", "small-first"]), default="input",
-              show_default=True, help="small-first: fewest atoms first, new elements early.")
+@click.option("--order", type=click.Choice(["input", "small-first", "gap-balanced"]),
+              default="input", show_default=True,
+              help="small-first: fewest atoms first, new elements early; gap-balanced: the same, "
+                   "alternating JARVIS-gapped and other structures.")
 @click.option("--kpt-density", type=float, default=2.5, show_default=True,
               help="k-points per reciprocal Angstrom (ASE density).")
 @click.option("--retry-failed", is_flag=True, help="Calculate failed structures again.")

@@ -29,7 +29,8 @@ from screener.dataset import JARVIS_GAP_KEY, reference_gap_value
 from screener.dft import Settings, calculate_with_timeout, provenance
 from screener.structures import Failure, Source, Structure, discover, load
 
-ORDERS = ("input", "small-first")
+ORDERS = ("input", "small-first", "gap-balanced")
+GAPPED_ABOVE = 0.1
 STAGE = "label"
 _RECORD_ORIGIN = re.compile(r"^(?P<file>.+\.json(\.gz)?)\[(?P<index>\d+)\]$")
 _SETTINGS_FILE = "settings.json"
@@ -154,6 +155,8 @@ def select(items: list[tuple[Structure | Failure, float]], order: str,
     good = [item for item in items if not isinstance(item[0], Failure)]
     if order == "small-first":
         good = small_first(good)
+    elif order == "gap-balanced":
+        good = gap_balanced(good)
     return (failed + good)[:limit]
 
 
@@ -176,6 +179,19 @@ def small_first(items: list[tuple[Structure, float]]) -> list[tuple[Structure, f
             rest.remove(best)
         ordered.extend(rest)
     return ordered
+
+
+def gap_balanced(items: list[tuple[Structure, float]]) -> list[tuple[Structure, float]]:
+    """Small-first, alternating a reference-gapped structure and an other one.
+
+    Most small JARVIS cells are metals; a set labelled purely small-first teaches the model
+    that everything is metallic, while screening asks for gaps. Alternating on the JARVIS gap
+    (above GAPPED_ABOVE eV) keeps both classes growing together for as long as both last.
+    """
+    gapped = small_first([item for item in items if item[1] > GAPPED_ABOVE])
+    other = small_first([item for item in items if not item[1] > GAPPED_ABOVE])
+    pairs = itertools.zip_longest(gapped, other)
+    return [item for pair in pairs for item in pair if item is not None]
 
 
 def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Settings,

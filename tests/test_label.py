@@ -13,7 +13,8 @@ from screener.cli import main
 from screener.dataset import read_training_set
 from screener.dft import Settings
 from screener.dos import E_STEP, ENERGY_GRID, band_gap
-from screener.label import label, parts_dir, read_inputs, select, small_first
+from screener.label import (GAPPED_ABOVE, gap_balanced, label, parts_dir, read_inputs, select,
+                            small_first)
 from screener.structures import Failure
 
 FAST = Settings(kpt_density=1.0)
@@ -136,6 +137,19 @@ def test_small_first_spreads_chemistry(shared_data):
         seen |= set(pair.numbers.tolist())
     first_old = new.index(False)
     assert first_old > 10 and not any(new[first_old:])
+
+
+def test_gap_balanced_alternates_classes_small_first(shared_data):
+    items = [(s, g) for s, g in read_inputs(shared_data / "jarvis_structures.json.gz")
+             if not isinstance(s, Failure)]
+    ordered = gap_balanced(items)
+    assert sorted(s.id for s, _ in ordered) == sorted(s.id for s, _ in items)
+    gapped = [g > GAPPED_ABOVE for _, g in ordered]
+    n_gapped = sum(gapped)
+    assert gapped[:2 * n_gapped:2] == [True] * n_gapped and not any(gapped[1:2 * n_gapped:2])
+    for flag in (True, False):
+        sizes = [s.n_atoms for (s, _), g in zip(ordered, gapped) if g is flag]
+        assert sizes == sorted(sizes)
 
 
 def test_shortlist_csv_rereads_records_with_their_gaps(shared_data, tmp_path):
