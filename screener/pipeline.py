@@ -195,14 +195,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def connect(address: str | None) -> None:
-    """Join a running cluster, or start a private local Ray sized to this machine."""
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+def connect(address: str | None, worker_logs: bool = False) -> None:
+    """Join a running cluster, or start a private local Ray sized to this machine.
+
+    Worker logs stay off for screening (their progress is the driver's bar); training turns
+    them on because its epoch lines are printed by the workers.
+    """
+    if not ray.is_initialized():
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=worker_logs)
 
 
 def predictor_resources(device: str, workers: int | None) -> tuple[int, dict, int]:

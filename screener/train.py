@@ -32,6 +32,7 @@ from screener.model import (
     save_checkpoint,
     to_tensors,
 )
+from screener.pipeline import connect
 from screener.store import file_sha256
 
 ARCHS = ("d-alignn", "ae-alignn")
@@ -75,7 +76,7 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
     if arch == "ae-alignn":
         settings["autoencoder"] = str(fit_autoencoder(settings, out))
     if not state["early_stopped"] and state["epoch"] < epochs:
-        connect(address)
+        connect(address, worker_logs=True)
         gpu = {"GPU": gpus_per_worker} if gpus_per_worker else {}
         TorchTrainer(
             train_loop,
@@ -93,14 +94,6 @@ def latent_sweep(data_path: str | Path, out_dir: str | Path, latents=LATENT_SWEE
     """AE-ALIGNN for each latent size k (paper Table 1), one out_dir/k<k> each."""
     return [{"latent": k, **train(data_path, Path(out_dir) / f"k{k}", arch="ae-alignn",
                                    latent=k, **options)} for k in latents]
-
-
-def connect(address: str | None) -> None:
-    """Join a cluster or start a local Ray; worker logs stay on, they carry the epoch lines."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False)
 
 
 @dataclass
