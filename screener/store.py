@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 KINDS = ("graphs", "predictions")
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2
+JOURNAL_MIN_LINES = 64
 STR = np.str_
 # A prediction shard's table is its graph shard's table plus the spectral columns.
 GRAPH_COLUMNS: dict[str, Any] = {"ids": STR, "source": STR, "formula": STR, "elements": STR,
@@ -350,46 +352,59 @@ def read_graph_shard(path: str | Path, info: dict | None = None, verify: bool = 
 
 
 class Manifest:
-    """manifest.json: the run config and the complete shards, rewritten atomically on each add.
+    """The list of complete shards: manifest.json (a snapshot) plus the journal it names.
 
-    One writer (the driver) at a time; readers need no lock because the file is replaced by rename.
+    The snapshot holds the config, the shards complete when it was written and the name of its
+    journal; the journal gets one JSON line per shard added or discarded since. Appending a line
+    costs the same at shard 10 as at shard 80,000, whereas rewriting the whole list per shard
+    makes a run's bookkeeping quadratic in its size. The snapshot is rewritten (with a new,
+    empty journal) only when the journal holds as many lines as the snapshot has shards, so the
+    total work stays linear. One writer (the driver); readers need no lock: the snapshot is
+    replaced by rename, journals only grow, and a torn last line (a crash mid-append) is ignored.
     """
 
     def __init__(self, results_dir: str | Path, config: dict[str, Any],
-                 shards: dict[str, dict[str, Any]]):
+                 shards: dict[str, dict[str, Any]], generation: int = 0, n_logged: int = 0):
         self.dir = Path(results_dir)
         self.config = config
         self.shards = shards
+        self.generation = generation
+        self.n_logged = n_logged
 
     @classmethod
     def create(cls, results_dir: str | Path, config: dict[str, Any]) -> Manifest:
         """Start a results dir; shards from any earlier run there are no longer listed."""
         manifest = cls(results_dir, dict(config), {})
         manifest.dir.mkdir(parents=True, exist_ok=True)
-        manifest._save()
+        manifest._snapshot()
         return manifest
 
     @classmethod
     def load(cls, results_dir: str | Path) -> Manifest:
-        path = Path(results_dir) / MANIFEST
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise SchemaError(f"{path}: missing: not a results directory") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SchemaError(f"{path}: not valid JSON: {err}") from err
-        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-            found = data.get("schema_version") if isinstance(data, dict) else None
-            raise SchemaError(f"{path}: schema version {found!r}, this screener reads "
-                              f"version {SCHEMA_VERSION}")
-        return cls(results_dir, data["config"], data["shards"])
+        """The current list; retried when the writer starts a new journal between two reads."""
+        for _ in range(10):
+            data = _read_snapshot(Path(results_dir) / MANIFEST)
+            try:
+                journal = (Path(results_dir) / _journal_name(data["generation"])).read_bytes()
+            except FileNotFoundError:
+                continue
+            manifest = cls(results_dir, data["config"], data["shards"], data["generation"])
+            try:
+                manifest._replay(journal)
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+                raise SchemaError(f"{manifest.dir / _journal_name(manifest.generation)}: "
+                                  f"damaged line: {err}") from err
+            return manifest
+        raise SchemaError(f"{Path(results_dir) / MANIFEST}: its journal keeps disappearing; "
+                          f"is another run compacting it?")
 
     @classmethod
     def open(cls, results_dir: str | Path, config: dict[str, Any]) -> Manifest:
         """The manifest a run writes to: a new one, or the existing one when resuming.
 
         Resuming with a different config (another model, another input) is refused, because the
-        shards already listed would silently mix with the new ones.
+        shards already listed would silently mix with the new ones. A resumed manifest starts a
+        new journal, so a line torn by the crash is never followed by new ones.
         """
         config = json.loads(json.dumps(config))  # compare as stored: tuples become lists
         if not (Path(results_dir) / MANIFEST).exists():
@@ -400,6 +415,7 @@ class Manifest:
         if changed:
             raise SchemaError(f"{manifest.dir / MANIFEST}: made by a run with other settings "
                               f"(was, now): {changed}; use a new results directory")
+        manifest._snapshot()
         return manifest
 
     def add(self, name: str, info: dict[str, Any]) -> None:
@@ -411,12 +427,12 @@ class Manifest:
         if missing or info["kind"] not in KINDS:
             raise ValueError(f"{name}: manifest record lacks {missing} or its kind: {info}")
         self.shards[name] = dict(info)
-        self._save()
+        self._log({"add": name, "info": self.shards[name]})
 
     def discard(self, name: str) -> None:
         """Unlist a shard found damaged, so that readers skip it until it is written again."""
         if self.shards.pop(name, None) is not None:
-            self._save()
+            self._log({"discard": name})
 
     def has(self, name: str, ids_sha256: str | None = None) -> bool:
         """Whether shard `name` is complete (and, given a digest, made from those same ids)."""
@@ -428,12 +444,59 @@ class Manifest:
         return sorted((name for name, info in self.shards.items() if info["kind"] == kind),
                       key=lambda name: (len(name), name))
 
-    def _save(self) -> None:
+    def _replay(self, journal: bytes) -> None:
+        *lines, _torn_or_empty = journal.split(b"\n")
+        for line in lines:
+            entry = json.loads(line)
+            if "add" in entry:
+                self.shards[entry["add"]] = entry["info"]
+            else:
+                self.shards.pop(entry["discard"], None)
+        self.n_logged = len(lines)
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        if self.n_logged >= max(JOURNAL_MIN_LINES, len(self.shards)):
+            self._snapshot()
+            return
+        with open(self.dir / _journal_name(self.generation), "ab") as f:
+            f.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.n_logged += 1
+
+    def _snapshot(self) -> None:
+        """Write every shard into a new snapshot that starts an empty journal; drop the old one."""
+        old = self.dir / _journal_name(self.generation)
+        self.generation += 1
+        journal = self.dir / _journal_name(self.generation)
+        journal.write_bytes(b"")
+        _fsync(journal)
         path = self.dir / MANIFEST
         tmp = path.with_name(MANIFEST + ".tmp")
-        data = {"schema_version": SCHEMA_VERSION, "config": self.config, "shards": self.shards}
+        data = {"schema_version": MANIFEST_VERSION, "config": self.config, "shards": self.shards,
+                "generation": self.generation}
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         _replace_durably(tmp, path)
+        old.unlink(missing_ok=True)
+        self.n_logged = 0
+
+
+def _journal_name(generation: int) -> str:
+    return f"manifest.{generation}.jsonl"
+
+
+def _read_snapshot(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SchemaError(f"{path}: missing: not a results directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SchemaError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(data, dict) or data.get("schema_version") != MANIFEST_VERSION:
+        found = data.get("schema_version") if isinstance(data, dict) else None
+        raise SchemaError(f"{path}: schema version {found!r}, this screener reads "
+                          f"version {MANIFEST_VERSION}")
+    return data
 
 
 def _complete(results_dir: str | Path, kind: str) -> list[tuple[Path, dict]]:

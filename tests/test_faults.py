@@ -179,7 +179,7 @@ def test_shards_of_another_model_or_schema_are_refused(ray_local, small_folder, 
     for command in ([*cli, "--model", str(tiny_model)], ["query", str(out)]):
         result = CliRunner().invoke(main, command)
         assert result.exit_code == 1
-        assert "schema version 0, this screener reads version 1" in result.output
+        assert f"schema version 0, this screener reads version {store.MANIFEST_VERSION}" in result.output
 
 
 def test_repeated_ids_fail_naming_the_first_input(ray_local, shared_data, tiny_model, tmp_path):

@@ -1,6 +1,5 @@
 """The screening job end to end on real structures: complete, exactly-once, resumable, robust."""
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -76,8 +75,7 @@ def test_killed_driver_resumes_with_every_id_once(shared_data, tiny_model, tmp_p
     proc = subprocess.Popen(args, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        manifest = out / "manifest.json"
-        if manifest.exists() and "predictions" in manifest.read_text():
+        if (out / store.MANIFEST).exists() and store.Manifest.load(out).complete("predictions"):
             break
         time.sleep(0.5)
     assert proc.poll() is None, "the run finished before it could be killed"
@@ -85,7 +83,7 @@ def test_killed_driver_resumes_with_every_id_once(shared_data, tiny_model, tmp_p
     proc.wait()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # the local Ray this driver started, and nothing else
-    done_before = len(json.loads((out / "manifest.json").read_text())["shards"])
+    done_before = len(store.Manifest.load(out).shards)
     assert 0 < done_before
     subprocess.run(args, check=True, timeout=600)
     ids = complete_ids(out)
