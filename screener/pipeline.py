@@ -96,24 +96,41 @@ def chunks(sources: Iterable[Source], size: int) -> Iterator[Chunk]:
         yield Chunk(index, unique, duplicates, store.ids_digest(s.id for s in batch))
 
 
-def graph_or_failure(source: Source, max_atoms: int = MAX_ATOMS
-                     ) -> tuple[Structure, dict] | Failure:
-    """Read, validate and graph one input; never raises, so one input cannot fail its chunk.
+def graphs_or_failures(sources: list[Source], max_atoms: int = MAX_ATOMS
+                       ) -> list[tuple[Structure, dict] | Failure]:
+    """Read, validate and graph inputs, all graphs built together; never raises, and an input
+    that cannot be graphed fails alone.
 
     `max_atoms` keeps structures too large for a worker's memory away from graphs and model.
     """
-    from screener.graphs import build_graph
+    items = [_validated(load(source), max_atoms) for source in sources]
+    structures = [item for item in items if not isinstance(item, Failure)]
+    graphs = iter(_graphs(structures))
+    return [item if isinstance(item, Failure) else _graphed(item, next(graphs)) for item in items]
 
-    item = load(source)
-    if isinstance(item, Failure):
-        return item
-    if item.n_atoms > max_atoms:
+
+def _validated(item: Structure | Failure, max_atoms: int) -> Structure | Failure:
+    if isinstance(item, Structure) and item.n_atoms > max_atoms:
         reason = f"{item.n_atoms} atoms, more than this run's limit of {max_atoms} (max_atoms)"
         return Failure(item.id, item.source, "validate", reason)
+    return item
+
+
+def _graphs(structures: list[Structure]) -> list[dict | Exception]:
+    """Graphs built in one batch; should the batch itself fail, one by one, so that only the
+    structure at fault fails."""
+    from screener.graphs import build_graphs
+
     try:
-        return item, build_graph(item.lattice, item.positions, item.numbers)
-    except Exception as exc:  # noqa: BLE001 - any graph error fails this structure only
-        return Failure(item.id, item.source, "graph", _describe(exc))
+        return build_graphs([(s.lattice, s.positions, s.numbers) for s in structures])
+    except Exception as exc:  # noqa: BLE001 - any graph error fails its structure only
+        return [exc] if len(structures) == 1 else [g for s in structures for g in _graphs([s])]
+
+
+def _graphed(structure: Structure, graph: dict | Exception) -> tuple[Structure, dict] | Failure:
+    if isinstance(graph, Exception):
+        return Failure(structure.id, structure.source, "graph", _describe(graph))
+    return structure, graph
 
 
 def build_graph_shard(chunk: Chunk, path: str | Path, attrs: dict, max_atoms: int = MAX_ATOMS
@@ -121,7 +138,7 @@ def build_graph_shard(chunk: Chunk, path: str | Path, attrs: dict, max_atoms: in
     """Graph one chunk into one shard, in which every input is a graph or a failure."""
     t0 = time.perf_counter()
     structures, graphs, failures = [], [], list(chunk.duplicates)
-    for outcome in (graph_or_failure(source, max_atoms) for source in chunk.sources):
+    for outcome in graphs_or_failures(chunk.sources, max_atoms):
         if isinstance(outcome, Failure):
             failures.append(outcome)
         else:

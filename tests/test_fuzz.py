@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from screener import store
-from screener.pipeline import RunOptions, graph_or_failure, run
+from screener.pipeline import RunOptions, graphs_or_failures, run
 from screener.structures import MAX_ATOMS, MIN_DISTANCE, Failure, discover
 
 CASES: Counter = Counter()
@@ -46,9 +46,9 @@ def scratch(tmp_path_factory) -> Path:
 def check(path: Path, kind: str) -> list:
     """Every input of a generated file ends as exactly one sound outcome."""
     outcomes = []
-    for source in discover(path):
+    sources = list(discover(path))
+    for source, result in zip(sources, graphs_or_failures(sources), strict=True):
         CASES[kind] += 1
-        result = graph_or_failure(source)
         if isinstance(result, Failure):
             assert (result.id, result.source) == (source.id, source.origin)
             assert result.stage in ("read", "validate", "graph"), result

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jarvis.core.specie import Specie
 
-from screener.graphs import K, build_graph, collate, line_graph_index
+from screener.graphs import K, build_graph, build_graphs, collate, line_graph_index
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -75,6 +75,47 @@ def test_neighbours_match_brute_force_on_every_structure(structures: list[Arrays
         lengths = _lengths(build_graph(lattice, positions, numbers))
         expected = _brute_force_distances(lattice, positions, K)
         assert np.allclose(lengths, expected, rtol=0, atol=1e-6), f"structure {index}"
+
+
+def _awkward_cells() -> list[Arrays]:
+    """Cells that need many images, a wide or a grown cutoff, or the k-d tree's retries."""
+    rng = np.random.default_rng(7)
+    needle = np.diag([1.4, 1.6, 30.0])
+    slab = np.array([[2.5, 0.0, 0.0], [2.4, 0.4, 0.0], [0.0, 0.0, 25.0]])
+    big = np.diag([14.0, 15.0, 16.0])
+    return [
+        (needle, np.zeros((1, 3)), np.array([1])),
+        (slab, np.array([[0.1, 0.1, 1.0], [1.3, 0.3, 2.0]]), np.array([6, 8])),
+        (big, rng.uniform(size=(300, 3)) @ big, np.full(300, 14)),
+        (4.0 * np.eye(3), 4.0 * np.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]]), np.array([26, 26])),
+    ]
+
+
+def test_batched_graphs_equal_graphs_built_one_by_one(structures: list[Arrays]) -> None:
+    """All 2,312 structures (big cells, cells that need many images or a grown cutoff) plus
+    awkward and unbuildable cells in one batch: the same arrays, bit for bit, as one by one."""
+    unbuildable = [(np.diag([3.0, 3.0, 0.0]), np.zeros((1, 3)), np.array([1])),
+                   (3.0 * np.eye(3), np.zeros((2, 3)), np.array([1, 1]))]
+    batch = structures[:1000] + unbuildable[:1] + _awkward_cells() + structures[1000:] + unbuildable[1:]
+    built = build_graphs(batch)
+    assert len(built) == len(batch)
+    for index, (structure, graph) in enumerate(zip(batch, built)):
+        try:
+            alone = build_graph(*structure)
+        except ValueError as error:
+            assert isinstance(graph, ValueError) and str(graph) == str(error), f"structure {index}"
+            continue
+        assert graph.keys() == alone.keys(), f"structure {index}"
+        for key in alone:
+            assert graph[key].dtype == alone[key].dtype, f"structure {index} {key}"
+            assert np.array_equal(graph[key], alone[key]), f"structure {index} {key}"
+    assert sum(isinstance(graph, ValueError) for graph in built) == 2
+
+
+def test_awkward_cells_match_brute_force() -> None:
+    for lattice, positions, numbers in _awkward_cells():
+        lengths = _lengths(build_graph(lattice, positions, numbers))
+        assert np.allclose(lengths, _brute_force_distances(lattice, positions, K), rtol=0, atol=1e-6)
 
 
 def test_graph_shapes_and_types(structures: list[Arrays]) -> None:
