@@ -45,11 +45,23 @@ def parse_window(_ctx, _param, value: str | None) -> tuple[float, float] | None:
 @click.option("--shard-size", type=int, default=256, show_default=True)
 @click.option("--strict", is_flag=True, help="Exit non-zero when any structure failed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(structures, bandgap, out_dir, model, address, device, workers, batch_size, shard_size, strict, quiet):
+@click.option("--verify", "verify_top", type=click.IntRange(min=1), metavar="N",
+              help="Then DFT-check (GPAW) the N shortlisted structures whose predicted gap lies "
+                   "furthest inside --bandgap (nearest its centre; ties by id): verify.csv and "
+                   "the training set verify.h5 in --out. A rerun skips finished structures.")
+def run(structures, bandgap, out_dir, model, address, device, workers, batch_size, shard_size,
+        strict, quiet, verify_top):
     """Predict the DOS of every structure and shortlist those whose gap is in --bandgap."""
     from screener import pipeline, store
     from screener.progress import progress_printer
 
+    if verify_top is not None:
+        from screener.label import require_gpaw
+
+        if bandgap is None:
+            raise click.UsageError("--verify checks the top of the --bandgap shortlist: "
+                                   "give --bandgap")
+        require_gpaw()
     opts = pipeline.RunOptions(
         structures=structures, out_dir=out_dir, model=model or pipeline.default_model(),
         address=address, device=device, workers=workers, batch_size=batch_size, shard_size=shard_size,
@@ -76,8 +88,26 @@ def run(structures, bandgap, out_dir, model, address, device, workers, batch_siz
         click.echo(f"shortlisted {len(rows['ids'])} with {bandgap[0]} <= gap <= {bandgap[1]} eV "
                    f"-> {shortlist}")
         click.echo(store.format_table(rows))
+    if verify_top is not None:
+        _verify(out_dir, bandgap, verify_top, address, quiet)
     if strict and summary.n_failed:
         raise SystemExit(f"--strict: {summary.n_failed} structures failed")
+
+
+def _verify(out_dir: str, bandgap: tuple[float, float], n: int, address: str | None,
+            quiet: bool) -> None:
+    """The DFT check of `run --verify`, on the Ray that screened (`address`)."""
+    from screener import store, verify
+
+    try:
+        checked = verify.verify(out_dir, bandgap, n, address=address, progress=not quiet)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(store.format_table(checked.rows, verify.SHOWN))
+    computed = checked.labelling.n_labelled + checked.labelling.n_failed
+    click.echo(f"verified {checked.n_checked} of {len(checked.rows['id'])}: {checked.n_confirmed} "
+               f"confirmed inside {bandgap[0]:g}:{bandgap[1]:g} eV ({computed} calculated in this "
+               f"run) -> {Path(out_dir) / verify.TABLE}")
 
 
 @main.command()
@@ -331,6 +361,21 @@ def label_command(structures, out, address, workers, timeout, limit, order, kpt_
     if summary.exported:
         click.echo(f"wrote {summary.exported.path}: {summary.exported.n_labelled} labelled, "
                    f"{summary.exported.n_failed} failed")
+
+
+@main.command("check-labels")
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for check.json, gap_parity.png and dos_overlay/.")
+@click.option("--edos", type=click.Path(exists=True, dir_okay=False),
+              help="JARVIS-form json(.gz) with edos_up: compare the DOS of structures in both.")
+def check_labels_command(labels, out_dir, edos):
+    """Compare `screen label` output with JARVIS: gaps vs optB88vdW, DOS vs edos_up."""
+    from screener.check_labels import REPORT, check_labels, format_report
+
+    report = check_labels(labels, out_dir, edos)
+    click.echo(format_report(report))
+    click.echo(f"wrote {Path(out_dir) / REPORT} and {len(report['figures'])} figure(s)")
 
 
 # -- end of commands --

@@ -17,9 +17,10 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cache
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,13 @@ import ray
 
 from screener.dataset import JARVIS_GAP_KEY, reference_gap_value
 from screener.dft import Settings, calculate_with_timeout, provenance
+from screener.errors import ScreenerError
 from screener.structures import Failure, Source, Structure, discover, load
 
 ORDERS = ("input", "small-first", "gap-balanced")
 GAPPED_ABOVE = 0.1
 STAGE = "label"
+TIMEOUT = 600.0
 _RECORD_ORIGIN = re.compile(r"^(?P<file>.+\.json(\.gz)?)\[(?P<index>\d+)\]$")
 _SETTINGS_FILE = "settings.json"
 
@@ -63,17 +66,26 @@ def parts_dir(out: str | Path) -> Path:
 
 
 def label(structures: str | Path, out: str | Path, settings: Settings | None = None,
-          address: str | None = None, workers: int | None = None, timeout: float = 600.0,
+          address: str | None = None, workers: int | None = None, timeout: float = TIMEOUT,
           limit: int | None = None, order: str = "input", retry_failed: bool = False,
           progress: bool = True) -> LabelSummary:
-    """Label every selected structure that has no part yet, then export all parts to `out`."""
+    """Label the inputs found at `structures` (see read_inputs), in `order`, the first `limit`."""
+    return label_inputs(select(read_inputs(structures), order, limit), out, settings, address,
+                        workers, timeout, retry_failed, progress)
+
+
+def label_inputs(selected: list[tuple[Structure | Failure, float]], out: str | Path,
+                 settings: Settings | None = None, address: str | None = None,
+                 workers: int | None = None, timeout: float = TIMEOUT,
+                 retry_failed: bool = False, progress: bool = True) -> LabelSummary:
+    """Label every input that has no part yet, then export all parts to `out`."""
     from tqdm import tqdm
 
+    require_gpaw()
     start = time.perf_counter()
     settings = settings or Settings()
     parts = parts_dir(out)
     _check_settings(parts, settings)
-    selected = select(read_inputs(structures), order, limit)
     done = finished_ids(parts, retry_failed)
     n_already = sum(item.id in done for item, _ in selected)
     summary = LabelSummary(n_selected=len(selected), n_already=n_already)
@@ -96,6 +108,12 @@ def label(structures: str | Path, out: str | Path, settings: Settings | None = N
     return summary
 
 
+def require_gpaw() -> None:
+    """Fail at once, not as one failure per structure, where GPAW is not installed."""
+    if find_spec("gpaw") is None:
+        raise ScreenerError("DFT labels need GPAW, which is not installed: pip install -e '.[dft]'")
+
+
 def read_inputs(path: str | Path) -> list[tuple[Structure | Failure, float]]:
     """(structure or why it cannot be read, JARVIS reference gap or NaN) per input.
 
@@ -103,23 +121,34 @@ def read_inputs(path: str | Path) -> list[tuple[Structure | Failure, float]]:
     goes through structures.discover.
     """
     path = Path(path)
-    sources = _shortlist_sources(path) if path.suffix.lower() == ".csv" else discover(path)
+    is_csv = path.suffix.lower() == ".csv"
+    return load_inputs(shortlist_sources(*_shortlist_columns(path)) if is_csv else discover(path))
+
+
+def load_inputs(sources: Iterable[Source]) -> list[tuple[Structure | Failure, float]]:
+    """Read each source in the driver: a label task gets its structure, not a file to find."""
     return [(load(source), reference_gap(source.origin)) for source in sources]
 
 
-def _shortlist_sources(path: Path) -> Iterator[Source]:
+def _shortlist_columns(path: Path) -> tuple[list[str], list[str]]:
+    """The ids and sources of a shortlist CSV."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     key = "id" if rows and "id" in rows[0] else "ids"
     if rows and (key not in rows[0] or "source" not in rows[0]):
         raise ValueError(f"{path}: a shortlist needs an 'id' and a 'source' column, "
                          f"found {list(rows[0])}")
-    for row in rows:
-        record = _record_of(row["source"])
+    return [row[key] for row in rows], [row["source"] for row in rows]
+
+
+def shortlist_sources(ids: Iterable[str], origins: Iterable[str]) -> Iterator[Source]:
+    """A Source per shortlisted structure: its file, or its record re-read from a JSON input."""
+    for structure_id, origin in zip(ids, origins):
+        record = _record_of(origin)
         atoms = None if record is None else record.get("atoms")
         if record is not None and not isinstance(atoms, dict):
             atoms = {}
-        yield Source(row[key], row["source"], atoms)
+        yield Source(str(structure_id), str(origin), atoms)
 
 
 def reference_gap(origin: str) -> float:

@@ -13,8 +13,15 @@ from screener.cli import main
 from screener.dataset import read_training_set
 from screener.dft import Settings
 from screener.dos import E_STEP, ENERGY_GRID, band_gap
-from screener.label import (GAPPED_ABOVE, gap_balanced, label, parts_dir, read_inputs, select,
-                            small_first)
+from screener.label import (
+    GAPPED_ABOVE,
+    gap_balanced,
+    label,
+    parts_dir,
+    read_inputs,
+    select,
+    small_first,
+)
 from screener.structures import Failure
 
 FAST = Settings(kpt_density=1.0)

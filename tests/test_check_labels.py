@@ -1,0 +1,97 @@
+"""`screen check-labels` on the project's real GPAW labels and the real JARVIS eDOS sample:
+every number equals the one computed by hand from the raw arrays of the files."""
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from screener.check_labels import DOS_FOLDER, GAP_PARITY, REPORT, check_labels
+from screener.cli import main
+from screener.dataset import from_json, write_training_set
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+GPAW_LABELS = DATA / "gpaw_labels.h5"
+EDOS_LABELS = DATA / "edos_labels.h5"
+
+
+def _raw(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {"ids": f["ids"].asstr()[()], "dos": f["dos"][()], "ref_gap": f["ref_gap"][()],
+                "gpaw_gap": f["extra/gpaw_gap"][()]}
+
+
+def _edos_records(shared_data: Path) -> list[dict]:
+    return json.loads((shared_data / "jarvis_edos_sample10.json").read_text())
+
+
+def test_gap_check_equals_hand_computation(tmp_path):
+    raw = _raw(GPAW_LABELS)
+    known = np.isfinite(raw["ref_gap"])
+    ref = raw["ref_gap"][known].astype(np.float64)
+    gpaw = raw["gpaw_gap"][known]
+    gapped = ref >= 0.1
+
+    report = check_labels(GPAW_LABELS, tmp_path)
+
+    gap = report["gap"]
+    assert gap["n"] == known.sum() == 55
+    assert gap["mae"] == pytest.approx(np.mean(np.abs(gpaw - ref)), rel=1e-12)
+    assert gap["correlation"] == pytest.approx(np.corrcoef(gpaw, ref)[0, 1], rel=1e-12)
+    assert gap["n_gapped"] == gapped.sum()
+    assert gap["mae_gapped"] == pytest.approx(np.mean(np.abs(gpaw - ref)[gapped]), rel=1e-12)
+    assert gap["class_disagreements"] == np.sum(gapped != (gpaw >= 0.1))
+    assert json.loads((tmp_path / REPORT).read_text()) == report
+    assert (tmp_path / GAP_PARITY).stat().st_size > 0
+    assert "dos" not in report
+
+
+def test_dos_check_equals_hand_computation(tmp_path, shared_data):
+    raw = _raw(EDOS_LABELS)
+    rows = {sid: i for i, sid in enumerate(raw["ids"])}
+    records = _edos_records(shared_data)
+    assert all(len(r["edos_up"]) == raw["dos"].shape[1] == 300 for r in records)
+    expected = {r["jid"]: np.mean(np.abs(raw["dos"][rows[r["jid"]]] - np.array(r["edos_up"])))
+                for r in records if r["jid"] in rows}
+
+    report = check_labels(EDOS_LABELS, tmp_path, shared_data / "jarvis_edos_sample10.json")
+
+    dos = report["dos"]
+    assert dos["n_matched"] == len(expected) >= 1
+    assert {s["id"]: s["mae"] for s in dos["structures"]} == pytest.approx(expected, rel=1e-6)
+    assert dos["mae_mean"] == pytest.approx(np.mean(list(expected.values())), rel=1e-6)
+    assert dos["not_labelled"] == [r["jid"] for r in records if r["jid"] not in rows]
+    assert dos["grid"] == {"e_min": -5.0, "e_max": 9.95, "step": 0.05, "n_bins": 300}
+    for jid in expected:
+        assert (tmp_path / DOS_FOLDER / f"{jid}.png").stat().st_size > 0
+    assert report["gap"] == {"n": 0} and not (tmp_path / GAP_PARITY).exists()
+    assert report["notes"] == ["no JARVIS reference gaps in the labels: gap parity skipped"]
+
+
+def test_cli_lists_the_edos_structures_it_has_no_label_for(tmp_path, shared_data):
+    result = CliRunner().invoke(main, ["check-labels", str(GPAW_LABELS), "-o", str(tmp_path),
+                                       "--edos", str(shared_data / "jarvis_edos_sample10.json")])
+    assert result.exit_code == 0, result.output
+    jids = [r["jid"] for r in _edos_records(shared_data)]
+    assert "DOS vs JARVIS edos_up" in result.output and "0 matched" in result.output
+    assert f"not labelled: {', '.join(jids)}" in result.output
+    saved = json.loads((tmp_path / REPORT).read_text())
+    assert saved["dos"]["not_labelled"] == jids and saved["dos"]["mae_mean"] is None
+
+
+def test_files_that_are_not_gpaw_labels_are_refused(tmp_path, shared_data):
+    edos = shared_data / "jarvis_edos_sample10.json"
+    result = CliRunner().invoke(main, ["check-labels", str(edos), "-o", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "not a readable HDF5 training set" in result.output
+
+    labelled = from_json(edos)
+    jarvis_set = tmp_path / "jarvis.h5"
+    write_training_set(jarvis_set, labelled.structures, labelled.dos, labelled.ref_gap,
+                       labelled.provenance)
+    result = CliRunner().invoke(main, ["check-labels", str(jarvis_set), "-o", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "not one from `screen label` (no extra/gpaw_gap, extra/vbm, extra/cbm)" in result.output
+    assert not (tmp_path / REPORT).exists()
