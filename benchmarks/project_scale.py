@@ -2,7 +2,7 @@
 from per-stage costs measured in this same run, on this machine, with the pipeline's own functions.
 
 Each stage is timed on one core (1 thread) over a random sample of each input: reading and
-validation (`load`), graph building (`build_graph`), the graph shard (`write_graph_shard`), and on
+validation (`load`), graph building (`build_graphs` on the pipeline's chunks), the graph shard (`write_graph_shard`), and on
 the prediction side reading it back, batching (`collate` + `to_tensors`), the forward pass of the
 model (`predict_dos` minus batching, batch 64) and the prediction shard with its band gaps. Shard
 bytes come from real shards of `screen run`'s default size. The driver records every shard in the
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from screener import store
-from screener.graphs import build_graph, collate
+from screener.graphs import build_graphs, collate
 from screener.model import load_checkpoint, to_tensors
 from screener.pipeline import RunOptions, chunked, default_model
 from screener.predict import predict_dos, spectral_columns
@@ -77,9 +77,9 @@ def measure(sources: list[Source], model, attrs: dict, tmp: Path) -> tuple[dict,
     loaded = [clock(sec, "read", load, s) for s in sources]
     structures = [s for s in loaded if not isinstance(s, Failure)]
     failures = [s for s in loaded if isinstance(s, Failure)]
-    graphs = [clock(sec, "graph", build_graph, s.lattice, s.positions, s.numbers)
-              for s in structures]
     shard, bs = RUN_DEFAULTS["shard_size"], RUN_DEFAULTS["batch_size"]
+    graphs = [graph for chunk in chunked(structures, shard) for graph in clock(
+        sec, "graph", build_graphs, [(s.lattice, s.positions, s.numbers) for s in chunk])]
     graph_bytes = prediction_bytes = 0
     chunks = zip(chunked(structures, shard), chunked(graphs, shard))
     for i, (chunk, chunk_graphs) in enumerate(chunks):
