@@ -40,8 +40,10 @@ def check_labels(labels: str | Path, out_dir: str | Path, edos: str | Path | Non
         report["notes"].append("no JARVIS reference gaps in the labels: gap parity skipped")
     if edos is not None:
         jarvis = from_json(edos)
-        report["dos"] = {"edos": str(edos), **dos_check(ts, jarvis)}
-        report["figures"] += _dos_overlays(ts, jarvis, out)
+        l_rows, j_rows = match(ts, jarvis)
+        report["dos"] = {"edos": str(edos), **dos_check(ts, jarvis, l_rows, j_rows)}
+        maes = [s["mae"] for s in report["dos"]["structures"]]
+        report["figures"] += _dos_overlays(ts, jarvis, l_rows, j_rows, maes, out)
     (out / REPORT).write_text(json.dumps(report, indent=2, allow_nan=False))
     return report
 
@@ -92,13 +94,13 @@ def _correlation(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def dos_check(ts: TrainingSet, jarvis: Labelled) -> dict:
-    """Per-structure MAE of the GPAW DOS against JARVIS edos_up, matched by id (the jid).
+def dos_check(ts: TrainingSet, jarvis: Labelled, l_rows: np.ndarray, j_rows: np.ndarray
+              ) -> dict:
+    """Per-structure MAE of the GPAW DOS against JARVIS edos_up, on the rows `match` pairs.
 
     edos_up is one spin channel; for a non-magnetic compound it equals the spin-summed DOS
     per valence electron that the labels hold, for a magnetic one it does not.
     """
-    l_rows, j_rows = match(ts, jarvis)
     mae = metrics.spectrum_mae(ts.dos[l_rows], jarvis.dos[j_rows])
     jarvis_gap = np.asarray(band_gap(jarvis.dos[j_rows])[0]) if j_rows.size else np.array([])
     structures = [{"id": str(ts.ids[i]), "formula": str(ts.formula[i]), "mae": float(m),
@@ -152,20 +154,20 @@ def _gap_parity(ts: TrainingSet, gap: dict) -> Figure:
     return fig
 
 
-def _dos_overlays(ts: TrainingSet, jarvis: Labelled, out: Path) -> list[str]:
+def _dos_overlays(ts: TrainingSet, jarvis: Labelled, l_rows: np.ndarray, j_rows: np.ndarray,
+                  maes: list[float], out: Path) -> list[str]:
     """One PNG per matched structure: the GPAW label over JARVIS edos_up (dashed)."""
-    l_rows, j_rows = match(ts, jarvis)
     files = []
-    for i, j in zip(l_rows, j_rows):
+    if l_rows.size:
+        (out / DOS_FOLDER).mkdir(exist_ok=True)
+    for i, j, mae in zip(l_rows, j_rows, maes):
         fig = Figure(figsize=(7, 4), layout="constrained")
         ax = fig.add_subplot()
         draw_dos(ax, ts.dos[i], "GPAW PBE, spin-unpolarised", float(ts.extra["vbm"][i]),
                  float(ts.extra["cbm"][i]), reference=jarvis.dos[j])
-        mae = float(metrics.spectrum_mae(ts.dos[i], jarvis.dos[j]))
         ax.set_title(f"{ts.ids[i]} {ts.formula[i]}: GPAW vs JARVIS edos_up (dashed), "
                      f"MAE {mae:.4f}", fontsize=9)
         name = f"{DOS_FOLDER}/{ts.ids[i]}.png"
-        (out / DOS_FOLDER).mkdir(exist_ok=True)
         fig.savefig(out / name, dpi=110)
         files.append(name)
     return files
