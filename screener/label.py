@@ -86,7 +86,8 @@ def label_inputs(selected: list[tuple[Structure | Failure, float]], out: str | P
     settings = settings or Settings()
     parts = parts_dir(out)
     _check_settings(parts, settings)
-    done = finished_ids(parts, retry_failed)
+    found = read_parts(parts)
+    done = {p["id"] for p in found if p["status"] == "ok" or not retry_failed}
     n_already = sum(item.id in done for item, _ in selected)
     summary = LabelSummary(n_selected=len(selected), n_already=n_already)
     todo = [(item, ref_gap) for item, ref_gap in selected if item.id not in done]
@@ -103,7 +104,7 @@ def label_inputs(selected: list[tuple[Structure | Failure, float]], out: str | P
         if structures_todo:
             _run_tasks(structures_todo, parts, settings, address, workers, timeout, record)
     summary.seconds = time.perf_counter() - start
-    if any(p["status"] == "ok" for p in read_parts(parts)):
+    if summary.n_labelled or any(p["status"] == "ok" for p in found):
         summary.exported = export(out)
     return summary
 
@@ -317,10 +318,6 @@ def read_parts(parts: Path) -> list[dict]:
             with open(path) as f:
                 found.append(json.load(f))
     return sorted(found, key=lambda part: part["id"])
-
-
-def finished_ids(parts: Path, retry_failed: bool = False) -> set[str]:
-    return {p["id"] for p in read_parts(parts) if p["status"] == "ok" or not retry_failed}
 
 
 def _check_settings(parts: Path, settings: Settings) -> None:
