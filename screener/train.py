@@ -39,7 +39,8 @@ ARCHS = ("d-alignn", "ae-alignn")
 LOSSES = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss}
 LATENT_SWEEP = (8, 12, 16, 20)
 RUN_NAME = "ray"
-AE_BATCH = 256
+AE_BATCH = 32
+AE_FORMAT = 2  # 2: standardized spectra; an older autoencoder.pt is retrained, not reused
 WEIGHT_DECAY = 1e-5
 # A resumed run must train the same thing the same way, or its checkpoint means nothing.
 RESUME_KEYS = ("data_hash", "arch", "latent", "ae_epochs", "config", "batch_size", "lr", "epochs",
@@ -220,11 +221,12 @@ def encode(autoencoder: DOSAutoencoder, dos: np.ndarray) -> np.ndarray:
 
 
 def fit_autoencoder(settings: dict, out: Path) -> Path:
-    """Train the DOS autoencoder on the training spectra (MSE), keeping the weights with the best
+    """Train the DOS autoencoder on the training spectra (MSE in standard scores), keeping the weights with the best
     validation reconstruction MAE. Runs in the driver: it is small next to ALIGNN. A rerun of
     the same run reuses out_dir/autoencoder.pt."""
     path = out / "autoencoder.pt"
-    key = {name: settings[name] for name in ("data_hash", "latent", "seed", "ae_epochs")}
+    key = {"format": AE_FORMAT,
+           **{name: settings[name] for name in ("data_hash", "latent", "seed", "ae_epochs")}}
     if path.exists() and torch.load(path, weights_only=True)["key"] == key:
         return path
     data = read_training_set(settings["data"], graphs=False)
@@ -233,6 +235,7 @@ def fit_autoencoder(settings: dict, out: Path) -> Path:
                           for name in ("train", "val"))
     torch.manual_seed(settings["seed"])
     model = DOSAutoencoder(settings["latent"]).to(device)
+    model.fit_scale(train_dos)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=WEIGHT_DECAY)
     order = np.random.default_rng(settings["seed"])
     best, best_epoch, weights = math.inf, 0, None
@@ -240,7 +243,7 @@ def fit_autoencoder(settings: dict, out: Path) -> Path:
         model.train()
         for pick in np.array_split(order.permutation(len(train_dos)),
                                    -(-len(train_dos) // AE_BATCH)):
-            loss = nn.functional.mse_loss(model(train_dos[pick]), train_dos[pick])
+            loss = model.loss(train_dos[pick])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -191,7 +191,7 @@ def test_default_size(batch):
 
 # -- AE-ALIGNN ------------------------------------------------------------------------------
 
-def test_ae_alignn_spectrum_in_unit_interval(batch):
+def test_ae_alignn_spectrum_is_the_decoded_latent(batch):
     model = small_model("ae-alignn", latent=6)
     autoencoder = DOSAutoencoder(latent=6)
     model.decoder.load_state_dict(autoencoder.decoder.state_dict())
@@ -200,7 +200,7 @@ def test_ae_alignn_spectrum_in_unit_interval(batch):
         torch.testing.assert_close(dos, autoencoder.decoder(latent))
     assert latent.shape == (int(batch["n_graphs"]), 6)
     assert dos.shape == (int(batch["n_graphs"]), 300)
-    assert bool(((dos >= 0) & (dos <= 1)).all())
+    assert bool((dos >= 0).all())
 
 
 def test_autoencoder_round_trip_shapes():

@@ -12,6 +12,7 @@ from screener.dos import N_BINS
 from screener.model.alignn import ALIGNN, ALIGNNConfig
 
 AE_HIDDEN = (256, 128, 64)
+MIN_SCALE = 1e-3
 
 
 def relu_mlp(sizes: Sequence[int]) -> list[nn.Module]:
@@ -22,24 +23,65 @@ def relu_mlp(sizes: Sequence[int]) -> list[nn.Module]:
     return layers[:-1]
 
 
+class BinScale(nn.Module):
+    """Per-bin centre and scale of the training spectra, saved with the weights.
+
+    Normalized spectra are ~0.03 per bin; an MLP fed and trained on values that small
+    collapses to one output for every input (measured on the GPAW set: zero everywhere, a
+    reconstruction MAE above the mean spectrum's). Standard scores keep every bin O(1).
+    """
+
+    def __init__(self, n_bins: int):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(n_bins))
+        self.register_buffer("scale", torch.ones(n_bins))
+
+    @torch.no_grad()
+    def fit(self, spectra: torch.Tensor) -> None:
+        self.center.copy_(spectra.mean(0))
+        self.scale.copy_(spectra.std(0).clamp_min(MIN_SCALE))
+
+
+class Standardize(BinScale):
+    def forward(self, dos: torch.Tensor) -> torch.Tensor:
+        return (dos - self.center) / self.scale
+
+
+class Destandardize(BinScale):
+    """Back to DOS units, clipped at zero: a DOS is never negative, and a gap is exactly 0."""
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.relu(torch.addcmul(self.center, scores, self.scale))
+
+
 def make_decoder(latent: int, hidden: Sequence[int], n_bins: int) -> nn.Sequential:
-    """latent -> reversed(hidden) -> n_bins, sigmoid last: normalised spectra lie in [0, 1]."""
-    return nn.Sequential(*relu_mlp([latent, *reversed(hidden), n_bins]), nn.Sigmoid())
+    """latent -> reversed(hidden) -> n_bins standard scores -> spectrum."""
+    return nn.Sequential(*relu_mlp([latent, *reversed(hidden), n_bins]), Destandardize(n_bins))
 
 
 class DOSAutoencoder(nn.Module):
-    """Compresses a spectrum to `latent` numbers (paper: k = 12) and back; trained with MSE.
+    """Compresses a spectrum to `latent` numbers (paper: k = 12) and back.
 
-    The encoder ends linear, so latents are unbounded.
+    The encoder ends linear, so latents are unbounded. Call `fit_scale` on the training
+    spectra before training.
     """
 
     def __init__(self, latent: int = 12, hidden: Sequence[int] = AE_HIDDEN, n_bins: int = N_BINS):
         super().__init__()
-        self.encoder = nn.Sequential(*relu_mlp([n_bins, *hidden, latent]))
+        self.encoder = nn.Sequential(Standardize(n_bins), *relu_mlp([n_bins, *hidden, latent]))
         self.decoder = make_decoder(latent, hidden, n_bins)
+
+    def fit_scale(self, spectra: torch.Tensor) -> None:
+        self.encoder[0].fit(spectra)
+        self.decoder[-1].fit(spectra)
 
     def forward(self, dos: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(dos))
+
+    def loss(self, dos: torch.Tensor) -> torch.Tensor:
+        """MSE in standard scores, so bins weigh alike whatever their typical DOS."""
+        scale = self.encoder[0].scale
+        return nn.functional.mse_loss(self(dos) / scale, dos / scale)
 
 
 class AEALIGNN(nn.Module):
