@@ -9,7 +9,6 @@ can kill it without taking the Ray worker, or the run, down with it.
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import itertools
 import json
@@ -29,7 +28,7 @@ import ray
 from screener.dataset import JARVIS_GAP_KEY, reference_gap_value
 from screener.dft import Settings, calculate_with_timeout, provenance
 from screener.errors import ScreenerError
-from screener.structures import Failure, Source, Structure, discover, load
+from screener.structures import Failure, Source, Structure, discover, load, read_records
 
 ORDERS = ("input", "small-first", "gap-balanced")
 GAPPED_ABOVE = 0.1
@@ -171,9 +170,8 @@ def _record_of(origin: str) -> dict | None:
 
 @cache
 def _records(file: str) -> list:
-    with (gzip.open(file, "rt") if file.endswith(".gz") else open(file)) as f:
-        records = json.load(f)
-    return [records] if isinstance(records, dict) else records
+    """Read once per file, not once per record: a JARVIS file holds tens of thousands."""
+    return read_records(file)
 
 
 def select(items: list[tuple[Structure | Failure, float]], order: str,

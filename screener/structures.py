@@ -78,8 +78,9 @@ class Source:
     record: dict | None
 
 
-class _Problem(Exception):
-    """What `load` reports: a stage and a reason meant for the user."""
+class _Problem(ValueError):
+    """What `load` reports: a stage and a reason meant for the user. A ValueError, so that
+    callers of `read_records` outside a run report it like any bad argument."""
 
     def __init__(self, stage: str, reason: str):
         super().__init__(reason)
@@ -173,15 +174,29 @@ def _record_sources(file: Path) -> Iterator[Source]:
         yield Source(str(record_id), f"{file}[{i}]", atoms if isinstance(atoms, dict) else {})
 
 
+def read_records(file: str | Path) -> list:
+    """Every record of a JARVIS json or json.gz file, a lone record as a list of one: the one
+    reader of record files, so a record read again later (a shortlist's source) is the record
+    `discover` read. A file that cannot be read raises its OSError as is; content that is not a
+    list of records raises a ValueError whose message says what is wrong."""
+    file = Path(file)
+    return _parse_records(file.read_bytes(), file.name)
+
+
 def _records(file: Path) -> list:
-    data = _read_bytes(file)
-    if file.name.lower().endswith(".gz"):
+    """`read_records` for `discover` and `load`, where an unreadable file is a problem too."""
+    return _parse_records(_read_bytes(file), file.name)
+
+
+def _parse_records(data: bytes, name: str) -> list:
+    if name.lower().endswith(".gz"):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as error:
             raise _Problem("read", f"not readable gzip data: {error}") from error
+    text = _decode(data)
     try:
-        records = json.loads(_decode(data))
+        records = json.loads(text)
     except (ValueError, RecursionError) as error:  # also a 5000-digit number, or deep nesting
         raise _Problem("validate", f"invalid JSON: {error}") from error
     records = [records] if isinstance(records, dict) else records

@@ -170,3 +170,17 @@ def test_shortlist_csv_rereads_records_with_their_gaps(shared_data, tmp_path):
     assert gap_a == records[0]["optb88vdw_bandgap"] and b.source == f"{source}[5]"
     assert isinstance(missing, Failure) and math.isnan(gap_missing)
     assert [s.id for s, _ in select(read_inputs(shortlist), "input", 2)] == ["missing", "JVASP-A"]
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("moved.json", "[Errno 2] No such file or directory: "),
+    ("broken.json", "invalid JSON: Expecting value: line 1 column 10 (char 9)"),
+])
+def test_shortlist_of_a_moved_or_broken_input_is_one_error_line(tmp_path, source, message):
+    (tmp_path / "broken.json").write_text('[{"jid": ')
+    shortlist = tmp_path / "shortlist.csv"
+    shortlist.write_text(f"id,source\nX,{tmp_path / source}[0]\n")
+    result = CliRunner().invoke(main, ["label", "--structures", str(shortlist),
+                                       "-o", str(tmp_path / "labels.h5")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output.startswith(f"Error: {message}")

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from screener.structures import MAX_ATOMS, Failure, Source, Structure, discover, load
+from screener.structures import (
+    MAX_ATOMS,
+    Failure,
+    Source,
+    Structure,
+    discover,
+    load,
+    read_records,
+)
 
 SIC = "POSCAR-JVASP-107"
 
@@ -360,3 +368,18 @@ def test_discover_single_files(shared_data, tmp_path):
     assert next(discover(tmp_path / "POSCAR")).id == tmp_path.name
     with pytest.raises(FileNotFoundError):
         next(discover(tmp_path / "missing"))
+
+
+def test_read_records_raises_what_a_command_reports(shared_data, tmp_path):
+    """The reader `label` uses to re-read a shortlisted record: the records `discover` read,
+    an unreadable file as its OSError, bad content as a ValueError with the failure's reason."""
+    path = shared_data / "jarvis_structures.json.gz"
+    records = read_records(path)
+    assert [r["jid"] for r in records] == [s.id for s in discover(path)]
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(records[0]).encode())
+    assert read_records(tmp_path / "bom.json") == records[:1]
+    with pytest.raises(FileNotFoundError):
+        read_records(tmp_path / "moved.json")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="^JSON holds no records$"):
+        read_records(tmp_path / "empty.json")
