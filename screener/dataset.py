@@ -25,7 +25,7 @@ from screener.dos import N_BINS, normalize, to_grid, valence_electrons
 from screener.errors import ScreenerError
 from screener.graphs import build_graph
 from screener.store import SchemaError, file_sha256, read_graphs, screener_version, write_graphs
-from screener.structures import Failure, Source, Structure, load
+from screener.structures import Failure, Source, Structure, load, read_records
 
 SCHEMA_VERSION = 1
 KIND = "training_set"
@@ -38,6 +38,10 @@ JARVIS_GAP_KEY = "optb88vdw_bandgap"
 
 class DownloadError(ScreenerError, RuntimeError):
     """The JARVIS download failed; the message says where to put the file by hand."""
+
+
+class RecordFileError(ScreenerError, ValueError):
+    """A JSON record file whose content is not a list of records; the message names the file."""
 
 
 @dataclass
@@ -296,13 +300,19 @@ def from_jarvis_edos(cache_dir: str | Path) -> Labelled:
 def from_json(path: str | Path, level_of_theory: str = "unknown") -> Labelled:
     """A JSON (.json or .json.gz) list of JARVIS-form records carrying `edos_up`."""
     path = Path(path)
-    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
-        records = json.load(f)
-    if isinstance(records, dict):
-        records = [records]
+    records = _read_records(path)
     provenance = {"source": str(path), "sha256": file_sha256(path),
                   "level_of_theory": level_of_theory, "dos": "edos_up as given"}
     return from_records(records, str(path), provenance)
+
+
+def _read_records(path: Path) -> list:
+    """`read_records` with the file named in its ValueError, so the CLI prints one line that
+    says which of its two record files (source, --ref-gaps) is broken."""
+    try:
+        return read_records(path)
+    except ValueError as err:
+        raise RecordFileError(f"{path}: {err}") from err
 
 
 def merge_ref_gaps(labelled: Labelled, path: str | Path, key: str = JARVIS_GAP_KEY) -> int:
@@ -311,8 +321,8 @@ def merge_ref_gaps(labelled: Labelled, path: str | Path, key: str = JARVIS_GAP_K
     Kept apart from the sources so each source reports only what its records hold.
     """
     path = Path(path)
-    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
-        known = {str(r.get("jid") or r.get("id")): reference_gap_value(r.get(key)) for r in json.load(f)}
+    known = {str(r.get("jid") or r.get("id")): reference_gap_value(r.get(key))
+             for r in _read_records(path)}
     filled = 0
     for i, structure in enumerate(labelled.structures):
         gap = known.get(structure.id, float("nan"))

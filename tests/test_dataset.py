@@ -219,3 +219,31 @@ def test_cli_writes_training_sets(shared_data, tmp_path):
     result = runner.invoke(main, ["data", "vasprun", str(shared_data / "vasprun"), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert read_training_set(out, graphs=False).attrs["level_of_theory"].startswith("VASP")
+
+
+@pytest.mark.parametrize(("name", "content", "reason"), [
+    ("broken.json", b'[{"jid": ', "invalid JSON: Expecting value: line 1 column 10 (char 9)"),
+    ("empty.json", b"[]", "JSON holds no records"),
+    ("cut.json.gz", b"not gzip", "not readable gzip data: "),
+])
+@pytest.mark.parametrize("broken_as", ["source", "--ref-gaps"])
+def test_broken_record_file_is_one_error_line_naming_it(shared_data, tmp_path, name, content,
+                                                         reason, broken_as):
+    broken = tmp_path / name
+    broken.write_bytes(content)
+    sample = shared_data / SAMPLE
+    source, ref_gaps = (broken, sample) if broken_as == "source" else (sample, broken)
+    out = tmp_path / "x.h5"
+    result = CliRunner().invoke(main, ["data", "json", str(source), "-o", str(out),
+                                       "--ref-gaps", str(ref_gaps)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output.splitlines()[-1].startswith(f"Error: {broken}: {reason}")
+    assert not out.exists()
+
+
+def test_a_lone_record_is_a_list_of_one(shared_data, records, tmp_path):
+    lone = tmp_path / "lone.json"
+    lone.write_text(json.dumps({**records[0], "optb88vdw_bandgap": 1.5}))
+    labelled = from_json(lone)
+    assert [s.id for s in labelled.structures] == [records[0]["jid"]]
+    assert merge_ref_gaps(from_json(shared_data / SAMPLE), lone) == 1
