@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from screener import metrics
 from screener.dataset import TrainingSet, read_set_graphs, read_structures, read_training_set
 from screener.dos import ENERGY_GRID, GAP_THRESHOLD, band_gap
+from screener.gap_set import read_gap_set
 from screener.model.checkpoint import load_checkpoint
 from screener.plots import draw_dos
 from screener.predict import predict_dos
@@ -71,6 +72,8 @@ def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
     gaps = metrics.gap_metrics(pred_gap, ts.ref_gap[rows])
     symbols = [atomic_numbers_to_symbols(np.unique(s.numbers)) for s in structures]
     systems, notes = crystal_systems(structures)
+    gap_set, gap_note = gap_set_report(model, meta, split, batch_size, device)
+    notes += gap_note
 
     figures, figure_notes = _figures(pred, ref, mae, re, summary, pred_gap, gaps, structures,
                                      ts, rows, split)
@@ -87,6 +90,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
         "summary": summary,
         "band_gap": {"from_predicted_dos_threshold": GAP_THRESHOLD,
                      **(gaps if gaps["n_known"] else {"n_known": 0})},
+        "gap_set": gap_set,
         "by_element": metrics.grouped_mae(mae, symbols),
         "by_crystal_system": metrics.grouped_mae(mae, [[s] for s in systems]) if systems else None,
         "figures": {name: FIGURES[name] for name in figures},
@@ -95,6 +99,23 @@ def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
     (out / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2))
     (out / "index.html").write_text(report_html(report))
     return report
+
+
+def gap_set_report(model, meta: dict, split: str, batch_size: int, device: str
+                   ) -> tuple[dict | None, list[str]]:
+    """Gaps from the predicted DOS against the known gaps of the model's gap set, on the same
+    split name; its test structures reached training through neither a spectrum nor a gap."""
+    info = meta.get("gap_set")
+    if not info:
+        return None, []
+    path = Path(info["path"])
+    if not path.is_file() or file_sha256(path) != info["hash"]:
+        return None, [f"gap set {path} is missing or changed since training: its scores skipped"]
+    gap_set = read_gap_set(path, info["exclude"], info["seed"])
+    rows = np.arange(len(gap_set.ids)) if split == "all" else gap_set.split[split]
+    pred = predict_dos(model, [gap_set.graphs[i] for i in rows], batch_size, device)
+    gaps = metrics.gap_metrics(band_gap(pred)[0], gap_set.gaps[rows])
+    return {"path": str(path), "split": split, "n": int(rows.size), **gaps}, []
 
 
 def split_rows(ts: TrainingSet, meta: dict, split: str, data_hash: str
@@ -274,9 +295,12 @@ def report_html(report: dict) -> str:
         _table({k: v for k, v in g.items() if not k.startswith("confusion")}),
     ]
     if g["n_known"]:
-        (mm, mn), (nm, nn) = g["confusion"]
-        parts.append(_rows_table(["reference \\ predicted", "metal", "non-metal"],
-                                 [["metal", mm, mn], ["non-metal", nm, nn]]))
+        parts.append(_confusion_table(g["confusion"]))
+    if report["gap_set"]:
+        gs = report["gap_set"]
+        parts += ["<h2>Band gap from the predicted DOS, gap-set structures</h2>",
+                  _table({k: v for k, v in gs.items() if not k.startswith("confusion")}),
+                  _confusion_table(gs["confusion"])]
     for title, key in (("MAE by element", "by_element"), ("MAE by crystal system", "by_crystal_system")):
         groups = report[key]
         if groups:
@@ -289,6 +313,12 @@ def report_html(report: dict) -> str:
         f"<h3>{html.escape(name)}</h3><img src='{html.escape(file)}' alt='{html.escape(name)}'>"
         for name, file in report["figures"].items()]
     return "\n".join(parts) + "\n"
+
+
+def _confusion_table(confusion: list[list[int]]) -> str:
+    (mm, mn), (nm, nn) = confusion
+    return _rows_table(["reference \\ predicted", "metal", "non-metal"],
+                       [["metal", mm, mn], ["non-metal", nm, nn]])
 
 
 def _table(values: dict) -> str:

@@ -13,6 +13,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 
 from screener.dataset import read_set_graphs, read_training_set
 from screener.errors import ScreenerError
+from screener.gap_set import bounds_excess, read_gap_set
 from screener.graphs import collate
 from screener.metrics import baseline_spectrum, spectrum_mae
 from screener.model import (
@@ -34,6 +36,7 @@ from screener.model import (
 )
 from screener.pipeline import connect
 from screener.store import file_sha256
+from screener.structures import discover
 
 ARCHS = ("d-alignn", "ae-alignn")
 LOSSES = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss}
@@ -42,9 +45,12 @@ RUN_NAME = "ray"
 AE_BATCH = 32
 AE_FORMAT = 2  # 2: standardized spectra; an older autoencoder.pt is retrained, not reused
 WEIGHT_DECAY = 1e-5
+# Gap-set structures per labelled structure in an epoch, drawn afresh each epoch: the gap set
+# is ~6x the labelled one, and a full pass over it per epoch made epochs 7x slower.
+GAP_SHARE = 1
 # A resumed run must train the same thing the same way, or its checkpoint means nothing.
 RESUME_KEYS = ("data_hash", "arch", "latent", "ae_epochs", "config", "batch_size", "lr", "epochs",
-               "loss", "workers", "seed")
+               "loss", "workers", "seed", "gaps_hash", "gap_weight", "gap_exclude")
 
 
 class ResumeError(ScreenerError, ValueError):
@@ -55,8 +61,14 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
           workers: int = 1, gpus_per_worker: float = 0, batch_size: int = 32, lr: float = 1e-3,
           epochs: int = 300, patience: int = 30, loss: str = "mse", amp: bool = False,
           config: dict | None = None, address: str | None = None, seed: int = 0,
-          ae_epochs: int = 200) -> dict:
-    """Train one model into out_dir (resuming what is there) and return its final metrics."""
+          ae_epochs: int = 200, gaps: str | Path | None = None, hold_out: Sequence[str | Path] = (),
+          gap_weight: float = 1.0) -> dict:
+    """Train one model into out_dir (resuming what is there) and return its final metrics.
+
+    `gaps`: a JARVIS record file whose known gaps bound the predicted spectra of structures
+    without a DOS label (screener.gap_set); every structure of the training set and of the
+    `hold_out` inputs (e.g. what the model will screen) is left out of it.
+    """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -70,7 +82,8 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
                 "latent": latent if arch == "ae-alignn" else None, "config": dict(config or {}),
                 "batch_size": batch_size, "lr": lr, "epochs": epochs, "patience": patience,
                 "loss": loss, "amp": amp, "workers": workers, "seed": seed,
-                "ae_epochs": ae_epochs if arch == "ae-alignn" else None}
+                "ae_epochs": ae_epochs if arch == "ae-alignn" else None,
+                **gap_settings(data, gaps, hold_out, gap_weight)}
     resume = latest_checkpoint(out)
     state = resumable_state(resume, settings) if resume else new_state(settings)
     settings["resume_from"] = str(resume) if resume else None
@@ -90,6 +103,19 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
     return finish(latest_checkpoint(out), settings, out)
 
 
+def gap_settings(data: Path, gaps: str | Path | None, hold_out: Sequence[str | Path],
+                 weight: float) -> dict:
+    """The gap set's file, hash, weight and the ids it must leave out (sorted, for resuming)."""
+    if gaps is None:
+        return {"gaps": None, "gaps_hash": None, "gap_weight": None, "gap_exclude": None}
+    gaps = Path(gaps).resolve()
+    exclude = {str(i) for i in read_training_set(data, graphs=False).ids}
+    for path in hold_out:
+        exclude.update(source.id for source in discover(path))
+    return {"gaps": str(gaps), "gaps_hash": file_sha256(gaps), "gap_weight": weight,
+            "gap_exclude": sorted(exclude)}
+
+
 def latent_sweep(data_path: str | Path, out_dir: str | Path, latents=LATENT_SWEEP,
                  **options) -> list[dict]:
     """AE-ALIGNN for each latent size k (paper Table 1), one out_dir/k<k> each."""
@@ -99,12 +125,13 @@ def latent_sweep(data_path: str | Path, out_dir: str | Path, latents=LATENT_SWEE
 
 @dataclass
 class Part:
-    """One worker's share of a split: rows of the set, their graphs, targets and spectra."""
+    """One worker's share of a split: rows of the set, their graphs, targets and spectra
+    (for a gap set: its DOS bounds as targets and no spectra)."""
 
     rows: np.ndarray
     graphs: dict[int, dict]
     targets: np.ndarray
-    dos: np.ndarray
+    dos: np.ndarray | None
 
 
 def shard(indices: np.ndarray, rank: int, world: int, pad: bool) -> np.ndarray:
@@ -143,26 +170,51 @@ def load_parts(path: str, rank: int, world: int, targets_of) -> tuple[Part, Part
                  for rows in (train_rows, val_rows))
 
 
+def load_gap_part(settings: dict, rank: int, world: int, split: str) -> Part | None:
+    """This rank's shard of one split of the gap set, or None without a gap set."""
+    if not settings["gaps"]:
+        return None
+    gap_set = read_gap_set(settings["gaps"], settings["gap_exclude"], settings["seed"])
+    rows = shard(gap_set.split[split], rank, world, pad=split == "train")
+    return Part(rows, {int(r): gap_set.graphs[r] for r in rows}, gap_set.bounds[rows], None)
+
+
 def batches(part: Part, batch_size: int, device, order: np.ndarray | None = None):
-    """(graph batch, targets, spectra) tensors in `order` (default: stored order)."""
+    """(graph batch, targets, spectra or None) tensors in `order` (default: stored order)."""
     order = np.arange(len(part.rows)) if order is None else order
     for start in range(0, len(order), batch_size):
         pick = order[start:start + batch_size]
-        graphs = [part.graphs[int(part.rows[i])] for i in pick]
-        yield (to_tensors(collate(graphs), device),
+        yield (to_tensors(collate(graphs_of(part, pick)), device),
                torch.as_tensor(part.targets[pick], device=device),
-               torch.as_tensor(part.dos[pick], device=device))
+               None if part.dos is None else torch.as_tensor(part.dos[pick], device=device))
 
 
-def train_epoch(net: nn.Module, part: Part, optimizer, scheduler, loss_name: str,
-                batch_size: int, order: np.ndarray, device, amp: bool) -> float:
-    """One pass over this rank's shard; returns the mean training loss."""
+def graphs_of(part: Part, pick: np.ndarray) -> list[dict]:
+    return [part.graphs[int(part.rows[i])] for i in pick]
+
+
+def train_epoch(net: nn.Module, decode, part: Part, gap_part: Part | None, optimizer, scheduler,
+                settings: dict, order: np.ndarray, gap_order: np.ndarray, device) -> float:
+    """One pass over this rank's shard; returns the mean training loss.
+
+    With a gap set, each step also takes an equal share of `gap_order`; both go through one
+    forward pass (DDP allows one per backward).
+    """
     net.train()
     total, steps = 0.0, 0
-    for graphs, targets, _ in batches(part, batch_size, device, order):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = net(graphs)
-        loss = LOSSES[loss_name](pred.float(), targets)
+    batch_size = settings["batch_size"]
+    picks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    gap_picks = np.array_split(gap_order, len(picks)) if gap_part else [order[:0]] * len(picks)
+    for pick, gap_pick in zip(picks, gap_picks):
+        graphs = graphs_of(part, pick) + (graphs_of(gap_part, gap_pick) if gap_part else [])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["amp"]):
+            pred = net(to_tensors(collate(graphs), device)).float()
+        targets = torch.as_tensor(part.targets[pick], device=device)
+        loss = LOSSES[settings["loss"]](pred[:len(pick)], targets)
+        if len(gap_pick):
+            bounds = torch.as_tensor(gap_part.targets[gap_pick], device=device)
+            excess = bounds_excess(decode(pred[len(pick):]), bounds).mean()
+            loss = loss + settings["gap_weight"] * excess
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -172,20 +224,22 @@ def train_epoch(net: nn.Module, part: Part, optimizer, scheduler, loss_name: str
 
 
 @torch.no_grad()
-def validation_mae(net: nn.Module, decode, part: Part, batch_size: int, device,
-                   amp: bool) -> float:
-    """Mean over validation structures of the spectrum MAE, summed over all ranks.
+def validation_mean(net: nn.Module, decode, part: Part | None, batch_size: int, device,
+                    amp: bool) -> float:
+    """Mean over all ranks' validation structures of the spectrum MAE, or for a gap set of
+    the bounds excess; NaN for none.
 
     `net` is the bare module, not DDP: ranks hold different numbers of validation batches,
     and a DDP forward would wait for the others.
     """
     net.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for graphs, _, dos in batches(part, batch_size, device):
+    for graphs, targets, dos in batches(part, batch_size, device) if part else ():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = decode(net(graphs))
-        sums += torch.stack([(pred.float() - dos).abs().mean(1).sum().double(),
-                             torch.tensor(len(dos), dtype=torch.float64, device=device)])
+            pred = decode(net(graphs)).float()
+        errors = bounds_excess(pred, targets) if dos is None else (pred - dos).abs().mean(1)
+        sums += torch.stack([errors.sum().double(),
+                             torch.tensor(len(errors), dtype=torch.float64, device=device)])
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     return float(sums[0] / sums[1]) if sums[1] else float("nan")
@@ -300,6 +354,7 @@ def train_loop(settings: dict) -> None:
     torch.manual_seed(settings["seed"])
     task = make_task(settings)
     train_part, val_part = load_parts(settings["data"], rank, world, task.targets_of)
+    gap_train, gap_val = (load_gap_part(settings, rank, world, split) for split in ("train", "val"))
     resume = settings.get("resume_from")
     if not resume:
         start_at_mean(task.trainable, train_part.targets)
@@ -317,19 +372,28 @@ def train_loop(settings: dict) -> None:
         start = time.perf_counter()
         order = np.random.default_rng([settings["seed"], epoch, rank]).permutation(
             len(train_part.rows))
-        loss = train_epoch(net, train_part, optimizer, scheduler, settings["loss"],
-                           settings["batch_size"], order, device, settings["amp"])
-        val = validation_mae(task.trainable, task.decode, val_part, settings["batch_size"],
-                             device, settings["amp"])
+        gap_order = (np.random.default_rng([settings["seed"], epoch, rank, 1]).permutation(
+            len(gap_train.rows))[:GAP_SHARE * len(order)] if gap_train else order[:0])
+        loss = train_epoch(net, task.decode, train_part, gap_train, optimizer, scheduler,
+                           settings, order, gap_order, device)
+        val, val_gap = (validation_mean(task.trainable, task.decode, part, settings["batch_size"],
+                                        device, settings["amp"]) for part in (val_part, gap_val))
         row = {"epoch": epoch, "train_loss": mean_over_ranks(loss, device), "val_mae": val,
+               "val_gap_excess": val_gap, "val_score": val_score(val, val_gap, settings),
                "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start}
         advance(state, row, task.model, settings["patience"])
         report(state, task.model, optimizer, scheduler, rank)
         log(rank, "epoch {epoch:4d}  loss {train_loss:.5f}  val MAE {val_mae:.5f}  "
-                  "lr {lr:.2e}  {seconds:.1f} s".format(**row))
+                  "gap excess {val_gap_excess:.5f}  lr {lr:.2e}  {seconds:.1f} s".format(**row))
         if state["early_stopped"]:
-            log(rank, f"early stop: no better validation MAE for {settings['patience']} epochs")
+            log(rank, f"early stop: no better validation score for {settings['patience']} epochs")
             break
+
+
+def val_score(val_mae: float, val_gap: float, settings: dict) -> float:
+    """What early stopping and the kept weights follow: the training objective on validation,
+    spectrum MAE plus gap weight x gap-set bounds excess."""
+    return val_mae if math.isnan(val_gap) else val_mae + settings["gap_weight"] * val_gap
 
 
 def restore(model: nn.Module, checkpoint: Path) -> dict:
@@ -359,11 +423,14 @@ def mean_over_ranks(value: float, device) -> float:
 
 
 def advance(state: dict, row: dict, model: nn.Module, patience: int) -> None:
-    """Record an epoch; keep the weights when validation improved (or cannot be measured)."""
+    """Record an epoch; keep the weights when the validation score improved (or cannot be
+    measured). best_val_mae is the spectrum MAE of the kept epoch."""
     state["history"].append(row)
     state["epoch"] = row["epoch"]
-    if math.isnan(row["val_mae"]) or row["val_mae"] < state["best_val_mae"]:
+    best = state.get("best_val_score", state["best_val_mae"])
+    if math.isnan(row["val_score"]) or row["val_score"] < best:
         state["best_epoch"], state["best_val_mae"] = row["epoch"], row["val_mae"]
+        state["best_val_score"] = row["val_score"]
         state["best_weights"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     state["early_stopped"] = row["epoch"] - state["best_epoch"] >= patience
 
@@ -399,7 +466,9 @@ def finish(checkpoint: Path, settings: dict, out: Path) -> dict:
     state = torch.load(checkpoint / "state.pt", weights_only=True)
     model.load_state_dict(state["best_weights"])
     data = read_training_set(settings["data"], graphs=False)
+    best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
     metrics = {"best_epoch": state["best_epoch"], "val_mae": state["best_val_mae"],
+               "val_gap_excess": best.get("val_gap_excess", math.nan),
                "baseline_val_mae": baseline_mae(data), "epochs_run": state["epoch"],
                "early_stopped": state["early_stopped"], "resumed_at": state["resumed_at"]}
     if settings["arch"] == "ae-alignn":
@@ -410,11 +479,21 @@ def finish(checkpoint: Path, settings: dict, out: Path) -> dict:
             "created": created.isoformat(timespec="seconds"), "data": settings["data"],
             "data_hash": settings["data_hash"], "data_provenance": data.attrs,
             "split": {name: rows.tolist() for name, rows in data.split.items()},
-            "training": {key: settings[key] for key in (*RESUME_KEYS, "patience", "amp")},
+            "training": {key: settings[key] for key in (*RESUME_KEYS, "patience", "amp", "gaps")
+                         if key != "gap_exclude"},
+            "gap_set": gap_meta(settings),
             "metrics": metrics, "history": state["history"]}
     save_checkpoint(out / "model.pt", model, meta)
     write_metrics(out, state["history"], metrics)
     return metrics
+
+
+def gap_meta(settings: dict) -> dict | None:
+    """How to rebuild the gap set and its split, which `screen evaluate` scores."""
+    if not settings["gaps"]:
+        return None
+    return {"path": settings["gaps"], "hash": settings["gaps_hash"], "seed": settings["seed"],
+            "exclude": settings["gap_exclude"], "weight": settings["gap_weight"]}
 
 
 def baseline_mae(data) -> float:

@@ -1,4 +1,5 @@
 """Training on the 10 real JARVIS eDOS records: steps, checkpoints, DDP on Ray, kill + resume."""
+import gzip
 import json
 import os
 import signal
@@ -33,7 +34,8 @@ def data_path(shared_data, tmp_path_factory) -> Path:
 def settings_for(data_path: Path, **changes) -> dict:
     return {"data": str(data_path), "data_hash": "test", "arch": "d-alignn", "latent": None,
             "config": TINY, "batch_size": 4, "lr": 1e-2, "epochs": 20, "patience": 20,
-            "loss": "mse", "amp": False, "workers": 1, "seed": 0, "ae_epochs": 40, **changes}
+            "loss": "mse", "amp": False, "workers": 1, "seed": 0, "ae_epochs": 40, "gaps": None,
+            "gaps_hash": None, "gap_weight": None, "gap_exclude": None, **changes}
 
 
 def local_run(settings: dict):
@@ -46,10 +48,11 @@ def local_run(settings: dict):
     return task, train_part, val_part, optimizer, scheduler
 
 
-def one_epoch(task, part, optimizer, scheduler, settings, epoch: int) -> float:
+def one_epoch(task, part, optimizer, scheduler, settings, epoch: int, gap_part=None) -> float:
     order = np.random.default_rng([settings["seed"], epoch, 0]).permutation(len(part.rows))
-    return training.train_epoch(task.trainable, part, optimizer, scheduler, settings["loss"],
-                                settings["batch_size"], order, torch.device("cpu"), False)
+    gap_order = np.arange(len(gap_part.rows)) if gap_part else order[:0]
+    return training.train_epoch(task.trainable, task.decode, part, gap_part, optimizer, scheduler,
+                                settings, order, gap_order, torch.device("cpu"))
 
 
 def test_shards_have_equal_steps_and_cover_the_split():
@@ -65,9 +68,9 @@ def test_optimizer_steps_lower_the_loss(data_path):
     settings = settings_for(data_path)
     task, train_part, _, optimizer, scheduler = local_run(settings)
     cpu = torch.device("cpu")
-    before = training.validation_mae(task.trainable, task.decode, train_part, 4, cpu, False)
+    before = training.validation_mean(task.trainable, task.decode, train_part, 4, cpu, False)
     losses = [one_epoch(task, train_part, optimizer, scheduler, settings, e) for e in range(1, 11)]
-    after = training.validation_mae(task.trainable, task.decode, train_part, 4, cpu, False)
+    after = training.validation_mean(task.trainable, task.decode, train_part, 4, cpu, False)
     assert losses[-1] < 0.2 * losses[0]
     assert after < 0.5 * before
 
@@ -82,7 +85,7 @@ def test_checkpoint_resume_gives_identical_weights(data_path, tmp_path):
     first = local_run(settings)
     state = training.new_state(settings)
     loss = one_epoch(*first[:2], *first[3:], settings, 1)
-    training.advance(state, {"epoch": 1, "train_loss": loss, "val_mae": 0.1}, first[0].model, 5)
+    training.advance(state, {"epoch": 1, "train_loss": loss, "val_mae": 0.1, "val_score": 0.1}, first[0].model, 5)
     training.write_checkpoint(tmp_path, state, first[0].model, first[3], first[4])
 
     resumed = local_run({**settings, "seed": 99})
@@ -99,7 +102,7 @@ def test_resuming_another_run_is_refused(data_path, tmp_path):
     settings = settings_for(data_path)
     state = training.new_state(settings)
     task, _, _, optimizer, scheduler = local_run(settings)
-    training.advance(state, {"epoch": 1, "train_loss": 1.0, "val_mae": 0.1}, task.model, 5)
+    training.advance(state, {"epoch": 1, "train_loss": 1.0, "val_mae": 0.1, "val_score": 0.1}, task.model, 5)
     folder = tmp_path / training.RUN_NAME / "checkpoint_0"
     folder.mkdir(parents=True)
     training.write_checkpoint(folder, state, task.model, optimizer, scheduler)
@@ -123,13 +126,18 @@ def test_autoencoder_learns_the_spectra_and_is_reused(data_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_worker_ddp_from_the_cli(ray_local, data_path, tmp_path):
+def test_two_worker_ddp_from_the_cli(ray_local, data_path, shared_data, tmp_path):
+    """With a gap set: both ranks take gap structures into their one forward pass per step."""
     out = tmp_path / "run"
+    with gzip.open(shared_data / "jarvis_structures.json.gz", "rt") as f:
+        (tmp_path / "gaps.json").write_text(json.dumps(json.load(f)[:60]))
     sets = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
     result = CliRunner().invoke(main, ["train", str(data_path), "-o", str(out), "--workers", "2",
-                                       "--epochs", "2", "--batch-size", "4", *sets])
+                                       "--epochs", "2", "--batch-size", "4", *sets,
+                                       "--gaps", str(tmp_path / "gaps.json"),
+                                       "--hold-out", str(shared_data / "poscar")])
     assert result.exit_code == 0, result.output
-    assert "validation MAE" in result.output
+    assert "validation MAE" in result.output and "gap-set bounds excess" in result.output
     model, meta = load_checkpoint(out / "model.pt")
     assert meta["arch"] == "d-alignn" and meta["training"]["workers"] == 2
     data = read_training_set(data_path, graphs=False)
@@ -139,6 +147,8 @@ def test_two_worker_ddp_from_the_cli(ray_local, data_path, tmp_path):
     assert [row["epoch"] for row in metrics["history"]] == [1, 2]
     assert (out / "metrics.csv").read_text().startswith("epoch,train_loss,val_mae")
     assert type(model) is type(build_model("d-alignn", TINY))
+    assert all(np.isfinite(row["val_gap_excess"]) for row in metrics["history"])
+    assert "JVASP-107" in meta["gap_set"]["exclude"] and meta["gap_set"]["weight"] == 1.0
 
 
 @pytest.mark.slow

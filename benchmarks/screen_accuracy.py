@@ -1,0 +1,68 @@
+"""How right a finished screen is: its predicted gaps against the JARVIS optB88vdW gaps.
+
+    python benchmarks/screen_accuracy.py results/ --bandgap 1.4:1.6 \
+        [--reference ../shared/data/jarvis_structures.json.gz] [--labelled data/gpaw_labels.h5]
+
+Prints the gap MAE and metal/non-metal confusion over every screened structure with a
+reference gap, then the window: how many the screen shortlisted, how many of those JARVIS puts
+inside it (precision) or within 0.5 eV of it, and how many of JARVIS's in-window structures it
+found (recall). `--labelled` counts shortlisted structures whose DOS the model may have trained
+on, so an in-sample hit is not mistaken for a discovery.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from screener.dataset import JARVIS_GAP_KEY, read_training_set, reference_gap_value
+from screener.metrics import gap_metrics
+from screener.store import read_predictions
+from screener.structures import read_records
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+NEAR_EV = 0.5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--bandgap", required=True, help="LO:HI in eV")
+    parser.add_argument("--reference", type=Path, default=SHARED / "jarvis_structures.json.gz")
+    parser.add_argument("--labelled", type=Path, help="training set whose ids to flag")
+    args = parser.parse_args()
+    lo, hi = (float(v) for v in args.bandgap.split(":"))
+
+    known = {str(r.get("jid")): reference_gap_value(r.get(JARVIS_GAP_KEY))
+             for r in read_records(args.reference)}
+    rows = read_predictions(args.results, ["ids", "formula", "band_gap"])
+    ids = rows["ids"].astype(str)
+    ref = np.array([known.get(i, np.nan) for i in ids])
+    pred = rows["band_gap"].astype(np.float64)
+    scored = gap_metrics(pred, ref)
+    print(f"{ids.size} screened, {scored['n_known']} with a JARVIS gap: gap MAE "
+          f"{scored['gap_mae']:.3f} eV, confusion [ref metal, non-metal] x [pred metal, "
+          f"non-metal] {scored['confusion']}")
+
+    labelled = (set(read_training_set(args.labelled, graphs=False).ids.astype(str))
+                if args.labelled else set())
+    picked = (pred >= lo) & (pred <= hi)
+    inside = (ref >= lo) & (ref <= hi)
+    near = (ref >= lo - NEAR_EV) & (ref <= hi + NEAR_EV)
+    print(f"window {lo}:{hi} eV: shortlisted {picked.sum()}, JARVIS inside {(picked & inside).sum()}"
+          f" (precision {_share(picked & inside, picked)}), within {NEAR_EV} eV "
+          f"{(picked & near).sum()}; JARVIS has {inside.sum()} inside, found "
+          f"{(picked & inside).sum()} (recall {_share(picked & inside, inside)})")
+    for i in np.flatnonzero(picked):
+        flag = "  (GPAW-labelled)" if ids[i] in labelled else ""
+        print(f"  {ids[i]:14s} {rows['formula'][i]:12s} predicted {pred[i]:.2f}  "
+              f"JARVIS {ref[i]:.2f}{flag}")
+
+
+def _share(hit: np.ndarray, of: np.ndarray) -> str:
+    return f"{hit.sum() / of.sum():.2f}" if of.sum() else "n/a"
+
+
+if __name__ == "__main__":
+    main()
