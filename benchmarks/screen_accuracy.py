@@ -18,7 +18,7 @@ import numpy as np
 
 from screener.dataset import JARVIS_GAP_KEY, read_training_set, reference_gap_value
 from screener.metrics import gap_metrics
-from screener.store import read_predictions
+from screener.store import query, read_predictions
 from screener.structures import read_records
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -47,7 +47,7 @@ def main() -> None:
 
     labelled = (set(read_training_set(args.labelled, graphs=False).ids.astype(str))
                 if args.labelled else set())
-    picked = (pred >= lo) & (pred <= hi)
+    picked = np.isin(ids, query(args.results, bandgap=(lo, hi))["ids"].astype(str))
     inside = (ref >= lo) & (ref <= hi)
     near = (ref >= lo - NEAR_EV) & (ref <= hi + NEAR_EV)
     print(f"window {lo}:{hi} eV: shortlisted {picked.sum()}, JARVIS inside {(picked & inside).sum()}"

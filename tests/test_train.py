@@ -148,7 +148,7 @@ def test_two_worker_ddp_from_the_cli(ray_local, data_path, shared_data, tmp_path
     assert (out / "metrics.csv").read_text().startswith("epoch,train_loss,val_mae")
     assert type(model) is type(build_model("d-alignn", TINY))
     assert all(np.isfinite(row["val_gap_excess"]) for row in metrics["history"])
-    assert "JVASP-107" in meta["gap_set"]["exclude"] and meta["gap_set"]["weight"] == 1.0
+    assert "JVASP-107" in meta["gap_set"]["exclude"] and meta["gap_set"]["weight"] == training.GAP_WEIGHT
 
 
 @pytest.mark.slow
