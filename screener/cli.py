@@ -292,7 +292,7 @@ def evaluate_model(model_path, data_path, split, out_dir, batch_size, device):
 @click.option("--hold-out", multiple=True, type=click.Path(exists=True),
               help="Structures to leave out of --gaps, e.g. the ones the model will screen "
                    "(repeatable).")
-@click.option("--gap-weight", type=float, default=5.0, show_default=True,
+@click.option("--gap-weight", type=float, default=10.0, show_default=True,
               help="Weight of the --gaps bounds term next to the spectrum loss.")
 @click.option("--address", help="Ray cluster address; default: a local Ray.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -48,9 +48,10 @@ WEIGHT_DECAY = 1e-5
 # Gap-set structures per labelled structure in an epoch, drawn afresh each epoch: the gap set
 # is ~6x the labelled one, and a full pass over it per epoch made epochs 7x slower.
 GAP_SHARE = 1
-# Chosen on validation (237 GPAW spectra, JARVIS gaps): at 1 early stopping kept an epoch
-# that predicted every validation structure metallic; 5 and 10 found 14 and 13 of 17 gapped.
-GAP_WEIGHT = 5.0
+# Chosen on the gap set's validation split: with 237 GPAW spectra, at 1 early stopping kept an
+# epoch that predicted every structure metallic, 5 and 10 found 14 and 13 of 17 gapped; with
+# 271, 5 and 10 found 17 and 18 of 23 (patience 60).
+GAP_WEIGHT = 10.0
 # A resumed run must train the same thing the same way, or its checkpoint means nothing.
 RESUME_KEYS = ("data_hash", "arch", "latent", "ae_epochs", "config", "batch_size", "lr", "epochs",
                "loss", "workers", "seed", "gaps_hash", "gap_weight", "gap_exclude")
