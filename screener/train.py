@@ -24,7 +24,7 @@ from torch import nn
 
 from screener.dataset import read_set_graphs, read_training_set
 from screener.errors import ScreenerError
-from screener.gap_set import bounds_excess, read_gap_set
+from screener.gap_set import bounds_excess, read_gap_set, spectrum_bounds
 from screener.graphs import collate
 from screener.metrics import baseline_spectrum, spectrum_mae
 from screener.model import (
@@ -129,13 +129,14 @@ def latent_sweep(data_path: str | Path, out_dir: str | Path, latents=LATENT_SWEE
 
 @dataclass
 class Part:
-    """One worker's share of a split: rows of the set, their graphs, targets and spectra
-    (for a gap set: its DOS bounds as targets and no spectra)."""
+    """One worker's share of a split: rows of the set, their graphs, model targets, spectra
+    and DOS bounds; a gap set has bounds only, a labelled set bounds only with --gaps."""
 
     rows: np.ndarray
     graphs: dict[int, dict]
-    targets: np.ndarray
+    targets: np.ndarray | None
     dos: np.ndarray | None
+    bounds: np.ndarray | None
 
 
 def shard(indices: np.ndarray, rank: int, world: int, pad: bool) -> np.ndarray:
@@ -162,15 +163,19 @@ def start_at_mean(net: nn.Module, targets: np.ndarray) -> None:
     net.fc.weight.mul_(0.1)
 
 
-def load_parts(path: str, rank: int, world: int, targets_of) -> tuple[Part, Part]:
-    """The train and validation shards of this rank, graphs read for those rows only."""
+def load_parts(path: str, rank: int, world: int, targets_of, bounded: bool = False
+               ) -> tuple[Part, Part]:
+    """The train and validation shards of this rank, graphs read for those rows only;
+    `bounded` adds the bounds of each spectrum's own gap (gap_set.spectrum_bounds)."""
     data = read_training_set(path, graphs=False)
     train_rows = shard(data.split["train"], rank, world, pad=True)
     val_rows = shard(data.split["val"], rank, world, pad=False)
     needed = np.unique(np.concatenate([train_rows, val_rows]))
     graphs = dict(zip(needed.tolist(), read_set_graphs(path, needed)))
     targets = targets_of(data.dos)
-    return tuple(Part(rows, {int(r): graphs[int(r)] for r in rows}, targets[rows], data.dos[rows])
+    bounds = spectrum_bounds(data.dos) if bounded else None
+    return tuple(Part(rows, {int(r): graphs[int(r)] for r in rows}, targets[rows], data.dos[rows],
+                      None if bounds is None else bounds[rows])
                  for rows in (train_rows, val_rows))
 
 
@@ -180,17 +185,17 @@ def load_gap_part(settings: dict, rank: int, world: int, split: str) -> Part | N
         return None
     gap_set = read_gap_set(settings["gaps"], settings["gap_exclude"], settings["seed"])
     rows = shard(gap_set.split[split], rank, world, pad=split == "train")
-    return Part(rows, {int(r): gap_set.graphs[r] for r in rows}, gap_set.bounds[rows], None)
+    return Part(rows, {int(r): gap_set.graphs[r] for r in rows}, None, None, gap_set.bounds[rows])
 
 
 def batches(part: Part, batch_size: int, device, order: np.ndarray | None = None):
-    """(graph batch, targets, spectra or None) tensors in `order` (default: stored order)."""
+    """(graph batch, spectra or None, bounds or None) tensors in `order` (default: stored)."""
     order = np.arange(len(part.rows)) if order is None else order
     for start in range(0, len(order), batch_size):
         pick = order[start:start + batch_size]
         yield (to_tensors(collate(graphs_of(part, pick)), device),
-               torch.as_tensor(part.targets[pick], device=device),
-               None if part.dos is None else torch.as_tensor(part.dos[pick], device=device))
+               *(None if values is None else torch.as_tensor(values[pick], device=device)
+                 for values in (part.dos, part.bounds)))
 
 
 def graphs_of(part: Part, pick: np.ndarray) -> list[dict]:
@@ -202,7 +207,8 @@ def train_epoch(net: nn.Module, decode, part: Part, gap_part: Part | None, optim
     """One pass over this rank's shard; returns the mean training loss.
 
     With a gap set, each step also takes an equal share of `gap_order`; both go through one
-    forward pass (DDP allows one per backward).
+    forward pass (DDP allows one per backward). The bounds term covers every structure that
+    has bounds, labelled ones included.
     """
     net.train()
     total, steps = 0.0, 0
@@ -215,10 +221,13 @@ def train_epoch(net: nn.Module, decode, part: Part, gap_part: Part | None, optim
             pred = net(to_tensors(collate(graphs), device)).float()
         targets = torch.as_tensor(part.targets[pick], device=device)
         loss = LOSSES[settings["loss"]](pred[:len(pick)], targets)
-        if len(gap_pick):
-            bounds = torch.as_tensor(gap_part.targets[gap_pick], device=device)
-            excess = bounds_excess(decode(pred[len(pick):]), bounds).mean()
-            loss = loss + settings["gap_weight"] * excess
+        own = part.bounds is not None
+        bounds = ([part.bounds[pick]] if own else []) + (
+            [gap_part.bounds[gap_pick]] if len(gap_pick) else [])
+        if bounds:
+            bounded = decode(pred if own else pred[len(pick):])
+            excess = bounds_excess(bounded, torch.as_tensor(np.concatenate(bounds), device=device))
+            loss = loss + settings["gap_weight"] * excess.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -238,10 +247,10 @@ def validation_mean(net: nn.Module, decode, part: Part | None, batch_size: int, 
     """
     net.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for graphs, targets, dos in batches(part, batch_size, device) if part else ():
+    for graphs, dos, bounds in batches(part, batch_size, device) if part else ():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             pred = decode(net(graphs)).float()
-        errors = bounds_excess(pred, targets) if dos is None else (pred - dos).abs().mean(1)
+        errors = bounds_excess(pred, bounds) if dos is None else (pred - dos).abs().mean(1)
         sums += torch.stack([errors.sum().double(),
                              torch.tensor(len(errors), dtype=torch.float64, device=device)])
     if torch.distributed.is_initialized():
@@ -357,7 +366,8 @@ def train_loop(settings: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(settings["seed"])
     task = make_task(settings)
-    train_part, val_part = load_parts(settings["data"], rank, world, task.targets_of)
+    train_part, val_part = load_parts(settings["data"], rank, world, task.targets_of,
+                                      bounded=bool(settings["gaps"]))
     gap_train, gap_val = (load_gap_part(settings, rank, world, split) for split in ("train", "val"))
     resume = settings.get("resume_from")
     if not resume:

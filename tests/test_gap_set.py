@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from screener import train as training
+from screener.dataset import from_json
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
-from screener.gap_set import EDGE_MARGIN, METAL_FLOOR, bounds_excess, dos_bounds, read_gap_set
+from screener.gap_set import (
+    EDGE_MARGIN,
+    METAL_FLOOR,
+    bounds_excess,
+    dos_bounds,
+    read_gap_set,
+    spectrum_bounds,
+)
 from screener.structures import discover
 from tests.test_train import data_path, local_run, one_epoch, settings_for  # noqa: F401
 
@@ -96,3 +104,19 @@ def test_hold_out_and_the_training_set_are_left_out(data_path, records, shared_d
     assert len(settings["gaps_hash"]) == 64
     gap_set = read_gap_set(path, settings["gap_exclude"])
     assert not set(gap_set.ids) & set(settings["gap_exclude"])
+
+
+def test_labelled_spectra_are_bounded_by_their_own_gap(shared_data):
+    sample = from_json(shared_data / "jarvis_edos_sample10.json")
+    bounds = spectrum_bounds(sample.dos)
+    gap, vbm, cbm = band_gap(sample.dos)
+    for spectrum, (lower, upper), g, lo, hi in zip(sample.dos, bounds, gap, vbm, cbm):
+        assert not lower.any()
+        zero = np.isfinite(upper)
+        if g == 0:
+            assert not zero.any()
+            continue
+        assert ENERGY_GRID[zero].min() == pytest.approx(lo + E_STEP)
+        assert ENERGY_GRID[zero].max() == pytest.approx(hi - E_STEP)
+        assert (spectrum[zero] <= GAP_THRESHOLD).all()
+    assert (gap > 0).sum() >= 3
