@@ -288,9 +288,9 @@ def encode(autoencoder: DOSAutoencoder, dos: np.ndarray) -> np.ndarray:
 
 
 def fit_autoencoder(settings: dict, out: Path) -> Path:
-    """Train the DOS autoencoder on the training spectra (MSE in standard scores), keeping the weights with the best
-    validation reconstruction MAE. Runs in the driver: it is small next to ALIGNN. A rerun of
-    the same run reuses out_dir/autoencoder.pt."""
+    """Train the DOS autoencoder on the training spectra (MSE in standard scores), keeping the
+    weights with the best validation reconstruction MAE. Runs in the driver: it is small next
+    to ALIGNN. A rerun of the same run reuses out_dir/autoencoder.pt."""
     path = out / "autoencoder.pt"
     key = {"format": AE_FORMAT,
            **{name: settings[name] for name in ("data_hash", "latent", "seed", "ae_epochs")}}
