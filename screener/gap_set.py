@@ -41,7 +41,6 @@ class GapSet:
     gaps: np.ndarray
     bounds: np.ndarray
     split: dict[str, np.ndarray]
-    source: str
 
 
 def dos_bounds(gap: float) -> np.ndarray | None:
@@ -92,7 +91,7 @@ def read_gap_set(path: str | Path, exclude: Iterable[str] = (), seed: int = 0) -
     return GapSet(ids=[r[0] for r in rows], graphs=[r[1] for r in rows],
                   gaps=np.array([r[2] for r in rows], np.float64),
                   bounds=np.stack([r[3] for r in rows]) if rows else np.zeros((0, 2, N_BINS)),
-                  split=split_indices(len(rows), seed), source=str(path))
+                  split=split_indices(len(rows), seed))
 
 
 def bounds_excess(dos: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:

@@ -179,13 +179,16 @@ def load_parts(path: str, rank: int, world: int, targets_of, bounded: bool = Fal
                  for rows in (train_rows, val_rows))
 
 
-def load_gap_part(settings: dict, rank: int, world: int, split: str) -> Part | None:
-    """This rank's shard of one split of the gap set, or None without a gap set."""
+def load_gap_parts(settings: dict, rank: int, world: int) -> tuple[Part | None, Part | None]:
+    """This rank's shards of the gap set's train and validation splits, from one read of it;
+    (None, None) without a gap set."""
     if not settings["gaps"]:
-        return None
+        return None, None
     gap_set = read_gap_set(settings["gaps"], settings["gap_exclude"], settings["seed"])
-    rows = shard(gap_set.split[split], rank, world, pad=split == "train")
-    return Part(rows, {int(r): gap_set.graphs[r] for r in rows}, None, None, gap_set.bounds[rows])
+    return tuple(
+        Part(rows, {int(r): gap_set.graphs[r] for r in rows}, None, None, gap_set.bounds[rows])
+        for rows in (shard(gap_set.split[split], rank, world, pad=split == "train")
+                     for split in ("train", "val")))
 
 
 def batches(part: Part, batch_size: int, device, order: np.ndarray | None = None):
@@ -368,7 +371,7 @@ def train_loop(settings: dict) -> None:
     task = make_task(settings)
     train_part, val_part = load_parts(settings["data"], rank, world, task.targets_of,
                                       bounded=bool(settings["gaps"]))
-    gap_train, gap_val = (load_gap_part(settings, rank, world, split) for split in ("train", "val"))
+    gap_train, gap_val = load_gap_parts(settings, rank, world)
     resume = settings.get("resume_from")
     if not resume:
         start_at_mean(task.trainable, train_part.targets)

@@ -83,7 +83,7 @@ def test_training_with_the_gap_set_lowers_its_bounds_excess(data_path, records):
     """Same model, data, seed and steps, with and without the gap term."""
     path, _ = records
     settings = settings_for(data_path, **training.gap_settings(data_path, path, [], 10.0))
-    gap_part = training.load_gap_part(settings, 0, 1, "train")
+    gap_part, _ = training.load_gap_parts(settings, 0, 1)
     excess = []
     for with_gaps in (False, True):
         task, train_part, _, optimizer, scheduler = local_run(settings)
