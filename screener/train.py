@@ -377,6 +377,7 @@ def train_loop(settings: dict) -> None:
         start_at_mean(task.trainable, train_part.targets)
     state = restore(task.model, Path(resume)) if resume else new_state(settings)
     task.model.to(device)
+    log(rank, f"{world} worker(s); rank 0 trains on {device}")
     net = ray.train.torch.prepare_model(  # the last layers' edge updates feed no output
         task.trainable, parallel_strategy_kwargs={"find_unused_parameters": True})
     steps = -(-len(train_part.rows) // settings["batch_size"])
