@@ -29,6 +29,7 @@ EDGE_MARGIN = 0.2
 # More than the E_F bin alone, so a model cannot meet it with a spike there.
 METAL_FLOOR = 3 * GAP_THRESHOLD
 METAL_WINDOW = 0.05
+SPLIT_SEED = 0
 
 
 @dataclass
@@ -70,11 +71,13 @@ def spectrum_bounds(dos: np.ndarray) -> np.ndarray:
     return np.stack([np.zeros_like(upper), upper], axis=1)
 
 
-def read_gap_set(path: str | Path, exclude: Iterable[str] = (), seed: int = 0) -> GapSet:
+def read_gap_set(path: str | Path, exclude: Iterable[str] = (), seed: int = SPLIT_SEED
+                 ) -> GapSet:
     """Every structure in a JARVIS record file with a usable gap and graph, minus `exclude`.
 
     The split is made after exclusion and is seeded, so every training worker and the
-    evaluation afterwards see the same rows.
+    evaluation afterwards see the same rows. Training uses SPLIT_SEED whatever its own seed,
+    so that runs differing only in seed are scored on the same gap-set rows.
     """
     skip = set(exclude)
     kept: list[tuple[Structure, float, np.ndarray]] = []

@@ -24,7 +24,7 @@ from torch import nn
 
 from screener.dataset import read_set_graphs, read_training_set
 from screener.errors import ScreenerError
-from screener.gap_set import bounds_excess, read_gap_set, spectrum_bounds
+from screener.gap_set import SPLIT_SEED, bounds_excess, read_gap_set, spectrum_bounds
 from screener.graphs import collate
 from screener.metrics import baseline_spectrum, spectrum_mae
 from screener.model import (
@@ -184,7 +184,7 @@ def load_gap_parts(settings: dict, rank: int, world: int) -> tuple[Part | None, 
     (None, None) without a gap set."""
     if not settings["gaps"]:
         return None, None
-    gap_set = read_gap_set(settings["gaps"], settings["gap_exclude"], settings["seed"])
+    gap_set = read_gap_set(settings["gaps"], settings["gap_exclude"])
     return tuple(
         Part(rows, {int(r): gap_set.graphs[r] for r in rows}, None, None, gap_set.bounds[rows])
         for rows in (shard(gap_set.split[split], rank, world, pad=split == "train")
@@ -510,7 +510,7 @@ def gap_meta(settings: dict) -> dict | None:
     """How to rebuild the gap set and its split, which `screen evaluate` scores."""
     if not settings["gaps"]:
         return None
-    return {"path": settings["gaps"], "hash": settings["gaps_hash"], "seed": settings["seed"],
+    return {"path": settings["gaps"], "hash": settings["gaps_hash"], "seed": SPLIT_SEED,
             "exclude": settings["gap_exclude"], "weight": settings["gap_weight"]}
 
 

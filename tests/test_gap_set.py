@@ -13,6 +13,7 @@ from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
 from screener.gap_set import (
     EDGE_MARGIN,
     METAL_FLOOR,
+    SPLIT_SEED,
     bounds_excess,
     dos_bounds,
     read_gap_set,
@@ -104,6 +105,15 @@ def test_hold_out_and_the_training_set_are_left_out(data_path, records, shared_d
     assert len(settings["gaps_hash"]) == 64
     gap_set = read_gap_set(path, settings["gap_exclude"])
     assert not set(gap_set.ids) & set(settings["gap_exclude"])
+
+
+def test_the_gap_split_does_not_follow_the_training_seed(data_path, records):  # noqa: F811
+    path, _ = records
+    settings = settings_for(data_path, **training.gap_settings(data_path, path, [], 10.0))
+    first, other = (training.load_gap_parts({**settings, "seed": seed}, 0, 1) for seed in (0, 5))
+    for a, b in zip(first, other, strict=True):
+        assert np.array_equal(a.rows, b.rows)
+    assert training.gap_meta({**settings, "seed": 5})["seed"] == SPLIT_SEED
 
 
 def test_labelled_spectra_are_bounded_by_their_own_gap(shared_data):
