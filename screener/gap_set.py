@@ -19,7 +19,7 @@ from screener.dataset import JARVIS_GAP_KEY, reference_gap_value, split_indices
 from screener.dft import GAP_ZERO_OFFSET
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
 from screener.graphs import build_graphs
-from screener.structures import Structure, discover, load, read_records
+from screener.structures import Structure, load, read_records, record_sources
 
 # Kept free of the bound at each band edge: the GPAW labels' gaps differ from JARVIS
 # optB88vdW by 0.17 eV on average (check-labels), and their 0.1 eV broadening reaches in.
@@ -81,7 +81,8 @@ def read_gap_set(path: str | Path, exclude: Iterable[str] = (), seed: int = SPLI
     """
     skip = set(exclude)
     kept: list[tuple[Structure, float, np.ndarray]] = []
-    for source, record in zip(discover(path), read_records(path), strict=True):
+    records = read_records(path)
+    for source, record in zip(record_sources(path, records), records, strict=True):
         if source.id in skip or not isinstance(record, dict):
             continue
         gap = reference_gap_value(record.get(JARVIS_GAP_KEY))

@@ -161,12 +161,19 @@ def _file_id(file: Path, base: Path) -> str:
 def _record_sources(file: Path) -> Iterator[Source]:
     """A record without an `atoms` dict gets {} so that `load` names what is missing; a file
     that cannot be read as records becomes one file Source so that `load` reports why."""
-    stem = file.name.split(".")[0]
     try:
         records = _records(file)
     except _Problem:
-        yield Source(stem, str(file), None)
+        yield Source(file.name.split(".")[0], str(file), None)
         return
+    yield from record_sources(file, records)
+
+
+def record_sources(file: str | Path, records: list) -> Iterator[Source]:
+    """One Source per record of `file` as `read_records` returned them, in order: for callers
+    that need the records' other fields too, without reading the file twice."""
+    file = Path(file)
+    stem = file.name.split(".")[0]
     for i, record in enumerate(records):
         fields = record if isinstance(record, dict) else {}
         atoms = fields.get("atoms")
