@@ -43,7 +43,7 @@ LOSSES = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss}
 LATENT_SWEEP = (8, 12, 16, 20)
 RUN_NAME = "ray"
 AE_BATCH = 32
-AE_FORMAT = 2  # 2: standardized spectra; an older autoencoder.pt is retrained, not reused
+AE_FORMAT = 3  # 3: log spectra; an older autoencoder.pt is retrained, not reused
 WEIGHT_DECAY = 1e-5
 # Gap-set structures per labelled structure in an epoch, drawn afresh each epoch: the gap set
 # is ~6x the labelled one, and a full pass over it per epoch made epochs 7x slower.
@@ -291,9 +291,9 @@ def encode(autoencoder: DOSAutoencoder, dos: np.ndarray) -> np.ndarray:
 
 
 def fit_autoencoder(settings: dict, out: Path) -> Path:
-    """Train the DOS autoencoder on the training spectra (MSE in standard scores), keeping the
-    weights with the best validation reconstruction MAE. Runs in the driver: it is small next
-    to ALIGNN. A rerun of the same run reuses out_dir/autoencoder.pt."""
+    """Train the DOS autoencoder on the training spectra (MSE in standard scores of log DOS),
+    keeping the weights with the best validation reconstruction MAE. Runs in the driver: it is
+    small next to ALIGNN. A rerun of the same run reuses out_dir/autoencoder.pt."""
     path = out / "autoencoder.pt"
     key = {"format": AE_FORMAT,
            **{name: settings[name] for name in ("data_hash", "latent", "seed", "ae_epochs")}}

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from screener.dos import GAP_THRESHOLD
 from screener.graphs import build_graph, collate
 from screener.model import (
     AEALIGNN,
@@ -208,6 +209,32 @@ def test_autoencoder_round_trip_shapes():
     dos = torch.rand(5, 300)
     assert autoencoder.encoder(dos).shape == (5, 12)
     assert autoencoder(dos).shape == (5, 300)
+
+
+def test_log_standard_scores_give_back_the_spectrum_and_keep_gaps_empty():
+    """Scores of log DOS and back: the same spectrum, zeros (a gap) under the gap threshold
+    and a metal's few states at E_F kept."""
+    dos = torch.rand(6, 300) * 0.05
+    dos[:3, 95:110] = 0.0
+    dos[3:, 99:101] = 2e-3
+    autoencoder = DOSAutoencoder(latent=4)
+    autoencoder.fit_scale(dos)
+    back = autoencoder.decoder[-1](autoencoder.encoder[0](dos))
+    torch.testing.assert_close(back, dos, atol=1e-6, rtol=1e-4)
+    assert float(back[:3, 95:110].max()) < GAP_THRESHOLD
+    assert float(back[3:, 99:101].min()) > GAP_THRESHOLD
+
+
+def test_an_autoencoder_without_log_scales_does_not_load(tmp_path):
+    """A linear-scale AE-ALIGNN would decode wrongly with today's decoder: it must not load."""
+    model = small_model("ae-alignn", latent=4)
+    save_checkpoint(tmp_path / "m.pt", model, {})
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items()
+                             if not k.endswith(".floor")}
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "old.pt")
 
 
 # -- checkpoints ----------------------------------------------------------------------------

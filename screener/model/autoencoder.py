@@ -8,11 +8,13 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from screener.dos import N_BINS
+from screener.dos import GAP_THRESHOLD, N_BINS
 from screener.model.alignn import ALIGNN, ALIGNNConfig
 
 AE_HIDDEN = (256, 128, 64)
 MIN_SCALE = 1e-3
+LOG_FLOOR = 0.1 * GAP_THRESHOLD  # far enough below the gap threshold that a gap stays a gap
+MAX_LOG = 5.0  # e^5 states/eV per valence electron: no real spectrum comes near
 
 
 def relu_mlp(sizes: Sequence[int]) -> list[nn.Module]:
@@ -24,38 +26,47 @@ def relu_mlp(sizes: Sequence[int]) -> list[nn.Module]:
 
 
 class BinScale(nn.Module):
-    """Per-bin centre and scale of the training spectra, saved with the weights.
+    """Per-bin centre and scale of the training spectra's logarithms, saved with the weights.
 
     Normalized spectra are ~0.03 per bin; an MLP fed and trained on values that small
-    collapses to one output for every input (measured on the GPAW set: zero everywhere, a
-    reconstruction MAE above the mean spectrum's). Standard scores keep every bin O(1).
+    collapses to one output for every input (measured on the GPAW set: zero everywhere).
+    Standard scores of the DOS itself fixed that but not gaps: a metal's few states at E_F and
+    a gap's zeros differ by less than the reconstruction error, and the autoencoder turned 107
+    of 111 training metals gapped. In log(DOS + floor) they lie orders of magnitude apart
+    (measured: 111 of 111 kept, 81 of 95 gaps found, reconstruction MAE 0.0183 vs 0.0179).
     """
 
     def __init__(self, n_bins: int):
         super().__init__()
         self.register_buffer("center", torch.zeros(n_bins))
         self.register_buffer("scale", torch.ones(n_bins))
+        self.register_buffer("floor", torch.tensor(LOG_FLOOR))
+
+    def log(self, dos: torch.Tensor) -> torch.Tensor:
+        return torch.log(dos.clamp_min(0) + self.floor)
 
     @torch.no_grad()
     def fit(self, spectra: torch.Tensor) -> None:
-        self.center.copy_(spectra.mean(0))
-        self.scale.copy_(spectra.std(0).clamp_min(MIN_SCALE))
+        logs = self.log(spectra)
+        self.center.copy_(logs.mean(0))
+        self.scale.copy_(logs.std(0).clamp_min(MIN_SCALE))
 
 
 class Standardize(BinScale):
     def forward(self, dos: torch.Tensor) -> torch.Tensor:
-        return (dos - self.center) / self.scale
+        return (self.log(dos) - self.center) / self.scale
 
 
 class Destandardize(BinScale):
     """Back to DOS units, clipped at zero: a DOS is never negative, and a gap is exactly 0."""
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.relu(torch.addcmul(self.center, scores, self.scale))
+        logs = torch.addcmul(self.center, scores, self.scale).clamp_max(MAX_LOG)
+        return torch.relu(torch.exp(logs) - self.floor)
 
 
 def make_decoder(latent: int, hidden: Sequence[int], n_bins: int) -> nn.Sequential:
-    """latent -> reversed(hidden) -> n_bins standard scores -> spectrum."""
+    """latent -> reversed(hidden) -> n_bins standard scores of log DOS -> spectrum."""
     return nn.Sequential(*relu_mlp([latent, *reversed(hidden), n_bins]), Destandardize(n_bins))
 
 
@@ -79,9 +90,9 @@ class DOSAutoencoder(nn.Module):
         return self.decoder(self.encoder(dos))
 
     def loss(self, dos: torch.Tensor) -> torch.Tensor:
-        """MSE in standard scores, so bins weigh alike whatever their typical DOS."""
-        scale = self.encoder[0].scale
-        return nn.functional.mse_loss(self(dos) / scale, dos / scale)
+        """MSE in standard scores of log DOS, so bins weigh alike whatever their typical DOS."""
+        scores = self.encoder[0](dos)
+        return nn.functional.mse_loss(self.decoder[:-1](self.encoder[1:](scores)), scores)
 
 
 class AEALIGNN(nn.Module):
