@@ -243,11 +243,14 @@ def _write_training_set(labelled, out: str, seed: int, ref_gaps: str | None) -> 
               type=click.Path(file_okay=False))
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda.")
-def evaluate_model(model_path, data_path, split, out_dir, batch_size, device):
+@click.option("--gaps", type=click.Path(exists=True, dir_okay=False),
+              help="The model's --gaps file, where it lies elsewhere than where it was trained "
+                   "(checked by sha256); default: the path in the checkpoint.")
+def evaluate_model(model_path, data_path, split, out_dir, batch_size, device, gaps):
     """Score a model on a split: metrics.json, figures and index.html in --out."""
     from screener.evaluate import evaluate
 
-    report = evaluate(model_path, data_path, split, out_dir, batch_size, device)
+    report = evaluate(model_path, data_path, split, out_dir, batch_size, device, gaps)
     s, g = report["summary"], report["band_gap"]
     click.echo(f"{s['n']} structures, {split} split from the {report['split']['from']}: "
                f"MAE mean {s['mae_mean']:.4f} median {s['mae_median']:.4f}, baseline "

@@ -41,11 +41,13 @@ FIGURES = {
 
 
 def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
-             out_dir: str | Path = "report", batch_size: int = 64, device: str = "cpu") -> dict:
+             out_dir: str | Path = "report", batch_size: int = 64, device: str = "cpu",
+             gap_file: str | Path | None = None) -> dict:
     """Predict one split, score it and write figures, metrics.json and index.html to `out_dir`.
 
-    `model_path` is a checkpoint or a `screen train` run folder holding model.pt. Returns the
-    report that metrics.json holds.
+    `model_path` is a checkpoint or a `screen train` run folder holding model.pt. `gap_file`: the
+    model's gap-set file where it lies elsewhere than on the machine that trained it. Returns
+    the report that metrics.json holds.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
     gaps = metrics.gap_metrics(pred_gap, ts.ref_gap[rows])
     symbols = [atomic_numbers_to_symbols(np.unique(s.numbers)) for s in structures]
     systems, notes = crystal_systems(structures)
-    gap_set, gap_note = gap_set_report(model, meta, split, batch_size, device)
+    gap_set, gap_note = gap_set_report(model, meta, split, batch_size, device, gap_file)
     notes += gap_note
 
     figures, figure_notes = _figures(pred, ref, mae, re, summary, pred_gap, gaps, structures,
@@ -101,16 +103,18 @@ def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
     return report
 
 
-def gap_set_report(model, meta: dict, split: str, batch_size: int, device: str
-                   ) -> tuple[dict | None, list[str]]:
+def gap_set_report(model, meta: dict, split: str, batch_size: int, device: str,
+                   gap_file: str | Path | None = None) -> tuple[dict | None, list[str]]:
     """Gaps from the predicted DOS against the known gaps of the model's gap set, on the same
-    split name; its test structures reached training through neither a spectrum nor a gap."""
+    split name; its test structures reached training through neither a spectrum nor a gap.
+    The file is the one training read (same sha256), at `gap_file` or where training found it."""
     info = meta.get("gap_set")
     if not info:
         return None, []
-    path = Path(info["path"])
+    path = Path(gap_file or info["path"])
     if not path.is_file() or file_sha256(path) != info["hash"]:
-        return None, [f"gap set {path} is missing or changed since training: its scores skipped"]
+        return None, [f"gap set {path} is missing or not the file the model trained with: its "
+                      f"scores skipped (pass that file with --gaps)"]
     gap_set = read_gap_set(path, info["exclude"], info["seed"])
     rows = np.arange(len(gap_set.ids)) if split == "all" else gap_set.split[split]
     pred = predict_dos(model, [gap_set.graphs[i] for i in rows], batch_size, device)

@@ -103,3 +103,21 @@ def test_binary_gap_matrix():
     expected[1, 2] = expected[2, 1] = 2.0  # AlAs: mean of 1 and 3
     expected[0, 3] = expected[3, 0] = 2.0  # NaI; FeHO is ternary and left out
     np.testing.assert_array_equal(matrix, expected)
+
+
+@pytest.mark.slow
+def test_the_shipped_model_scores_its_gap_set_from_a_file_given_here(tmp_path, shared_data):
+    """The checkpoint names the gap file where it was trained; --gaps points to a copy here,
+    accepted only when its sha256 is the one the model trained with."""
+    from screener.pipeline import default_model
+
+    labels = Path(__file__).resolve().parents[1] / "data" / "gpaw_labels.h5"
+    args = ["evaluate", "--model", str(default_model()), "--data", str(labels), "--split", "test"]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a"),
+                                       "--gaps", str(shared_data / "jarvis_structures.json.gz")])
+    assert result.exit_code == 0, result.output
+    assert "gap set (test split, 221 structures)" in result.output
+    wrong = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "b"),
+                                      "--gaps", str(shared_data / "jarvis_edos_sample10.json")])
+    assert wrong.exit_code == 0 and "gap set (" not in wrong.output
+    assert "not the file the model trained with" in wrong.output
