@@ -113,8 +113,9 @@ def gap_set_report(model, meta: dict, split: str, batch_size: int, device: str,
         return None, []
     path = Path(gap_file or info["path"])
     if not path.is_file() or file_sha256(path) != info["hash"]:
-        return None, [f"gap set {path} is missing or not the file the model trained with: its "
-                      f"scores skipped (pass that file with --gaps)"]
+        note = (f"gap set {path} is missing or not the file the model trained with: its scores "
+                "skipped (pass that file with --gaps)")
+        return None, [note]
     gap_set = read_gap_set(path, info["exclude"], info["seed"])
     rows = np.arange(len(gap_set.ids)) if split == "all" else gap_set.split[split]
     pred = predict_dos(model, [gap_set.graphs[i] for i in rows], batch_size, device)
