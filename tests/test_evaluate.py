@@ -116,7 +116,7 @@ def test_the_shipped_model_scores_its_gap_set_from_a_file_given_here(tmp_path, s
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a"),
                                        "--gaps", str(shared_data / "jarvis_structures.json.gz")])
     assert result.exit_code == 0, result.output
-    assert "gap set (test split, 221 structures)" in result.output
+    assert "gap set (test split, " in result.output
     wrong = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "b"),
                                       "--gaps", str(shared_data / "jarvis_edos_sample10.json")])
     assert wrong.exit_code == 0 and "gap set (" not in wrong.output
