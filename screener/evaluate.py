@@ -110,7 +110,8 @@ def gap_set_report(model, meta: dict, split: str, batch_size: int, device: str,
     The file is the one training read (same sha256), at `gap_file` or where training found it."""
     info = meta.get("gap_set")
     if not info:
-        return None, []
+        return None, [f"--gaps {gap_file} ignored: the model was trained without a gap set"
+                      ] if gap_file else []
     path = Path(gap_file or info["path"])
     if not path.is_file() or file_sha256(path) != info["hash"]:
         note = (f"gap set {path} is missing or not the file the model trained with: its scores "

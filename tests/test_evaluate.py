@@ -63,9 +63,11 @@ def test_cli_without_reference_gaps(tmp_path, shared_data, model):
     out = tmp_path / "report"
     run_folder = str(Path(model).parent)
     result = CliRunner().invoke(main, ["evaluate", "--model", run_folder, "--data", data,
-                                       "--split", "test", "-o", str(out)])
+                                       "--split", "test", "-o", str(out),
+                                       "--gaps", str(shared_data / "jarvis_edos_sample10.json")])
     assert result.exit_code == 0, result.output
     assert "no reference band gaps among these structures" in result.output
+    assert "ignored: the model was trained without a gap set" in result.output
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["split"] == {"name": "test", "from": "data file", "n": 2}
     assert "gap_parity" not in saved["figures"]
