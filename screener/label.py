@@ -294,16 +294,26 @@ def _key(structure_id: str) -> str:
     return hashlib.sha1(structure_id.encode()).hexdigest()[:20]
 
 
+def _part_path(parts: Path, structure_id: str) -> Path:
+    return parts / f"{_key(structure_id)}.json"
+
+
 def write_part(parts: Path, part: dict) -> None:
     """Write one structure's part durably: tmp file, fsync, rename."""
     parts.mkdir(parents=True, exist_ok=True)
-    path = parts / f"{_key(part['id'])}.json"
+    path = _part_path(parts, part["id"])
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as f:
         json.dump(part, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_part(parts: Path, structure_id: str) -> dict:
+    """One structure's finished part; FileNotFoundError if it has none."""
+    with open(_part_path(parts, structure_id)) as f:
+        return json.load(f)
 
 
 def read_parts(parts: Path) -> list[dict]:

@@ -21,7 +21,7 @@ from screener.label import (
     label_inputs,
     load_inputs,
     parts_dir,
-    read_parts,
+    read_part,
     shortlist_sources,
 )
 
@@ -71,8 +71,7 @@ def verify(results_dir: str | Path, window: tuple[float, float], n: int,
     labels = results_dir / LABELS
     labelling = label_inputs(load_inputs(shortlist_sources(ids, sources)), labels, settings,
                              address, timeout=timeout, progress=progress)
-    parts = {part["id"]: part for part in read_parts(parts_dir(labels))}
-    done = [parts[str(i)] for i in ids]
+    done = [read_part(parts_dir(labels), str(i)) for i in ids]
     dft_gap = np.array([p["gap"] if p["status"] == "ok" else np.nan for p in done], dtype=float)
     lo, hi = window
     rows = {"id": ids, "source": sources, "formula": shortlist["formula"][top],
