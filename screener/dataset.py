@@ -7,6 +7,7 @@ are returned as `Failure`s, never dropped silently. Layout: schemas/training_set
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,9 @@ SCHEMA_VERSION = 1
 KIND = "training_set"
 SPLITS = ("train", "val", "test")
 FRACTIONS = (0.7, 0.1, 0.2)
+# How split_by_id assigns structures; recorded with every split it makes (older sets and
+# gap-set metas, without it, were split by row position).
+SPLIT_METHOD = "id-hash"
 EDOS_DATASET = "edos_pdos"
 JARVIS_THEORY = "DFT, VASP, OptB88vdW (JARVIS-DFT)"
 JARVIS_GAP_KEY = "optb88vdw_bandgap"
@@ -70,22 +74,34 @@ class Labelled:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def split_indices(n: int, seed: int = 0, fractions=FRACTIONS) -> dict[str, np.ndarray]:
-    """Seeded random train/val/test split, so a file fixes which structures a model never saw.
+def split_by_id(ids: Iterable[str], seed: int = 0, fractions=FRACTIONS) -> dict[str, np.ndarray]:
+    """Seeded train/val/test split that follows each structure's id, not its row.
 
-    Validation and test get at least one structure each once n >= 3, so early stopping and
-    evaluation always have something to measure.
+    A structure's part comes from a hash of (seed, id) alone, so a set that grows keeps every
+    structure where it was: a model's test structures stay unseen by the next model's training,
+    and test sets of successive versions nest. Sizes follow `fractions` up to sampling noise.
+    For n >= 3 no part with a positive fraction is left empty: the row whose hash lies nearest
+    it moves there, so early stopping and evaluation always have something to measure.
     """
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
-    sizes = [int(f * n + 0.5) for f in fractions[1:]]
-    if n >= 3:
-        sizes = [max(s, 1) if f > 0 else s for s, f in zip(sizes, fractions[1:])]
-    n_train = n - sum(sizes)
-    order = np.random.default_rng(seed).permutation(n)
-    cuts = np.cumsum([n_train, sizes[0]])
-    return {name: np.sort(part) for name, part in zip(SPLITS, np.split(order, cuts))}
+    position = np.array([_unit_hash(seed, structure_id) for structure_id in ids])
+    edges = np.cumsum(fractions)
+    part = np.minimum(np.searchsorted(edges, position, side="right"), len(SPLITS) - 1)
+    if len(position) >= 3:
+        for k in np.flatnonzero(np.array(fractions) > 0):
+            if not (part == k).any():
+                donors = np.flatnonzero(part == np.bincount(part, minlength=3).argmax())
+                centre = edges[k] - fractions[k] / 2
+                part[donors[np.abs(position[donors] - centre).argmin()]] = k
+    return {name: np.flatnonzero(part == k) for k, name in enumerate(SPLITS)}
+
+
+def _unit_hash(seed: int, structure_id: str) -> float:
+    """A number in [0, 1) fixed by (seed, id)."""
+    digest = hashlib.sha256(f"{seed}\0{structure_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def write_training_set(path: str | Path, structures: list[Structure], dos: np.ndarray,
@@ -137,8 +153,8 @@ def _write(f: h5py.File, structures, graphs, dos, ref_gap, provenance, extra, se
     _write_structures(f.create_group("structures"), structures)
     write_graphs(f.create_group("graphs"), graphs)
     split = f.create_group("split")
-    split.attrs.update(seed=seed, fractions=FRACTIONS)
-    for name, indices in split_indices(len(structures), seed).items():
+    split.attrs.update(seed=seed, fractions=FRACTIONS, method=SPLIT_METHOD)
+    for name, indices in split_by_id([s.id for s in structures], seed).items():
         split.create_dataset(name, data=indices.astype(np.int64))
     group = f.create_group("extra")
     for name, values in extra.items():
@@ -168,6 +184,7 @@ def read_training_set(path: str | Path, graphs: bool = True) -> TrainingSet:
             formula=f["formula"].asstr()[()].astype(str),
             split={name: split[name][()] for name in SPLITS},
             attrs={**json.loads(f.attrs["provenance"]), "split_seed": int(split.attrs["seed"]),
+                   "split_method": str(split.attrs.get("method", "row position")),
                    **{k: _plain(v) for k, v in f.attrs.items() if k != "provenance"}},
             extra={name: values[()] for name, values in f["extra"].items()},
         )

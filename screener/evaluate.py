@@ -18,7 +18,13 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from screener import metrics
-from screener.dataset import TrainingSet, read_set_graphs, read_structures, read_training_set
+from screener.dataset import (
+    SPLIT_METHOD,
+    TrainingSet,
+    read_set_graphs,
+    read_structures,
+    read_training_set,
+)
 from screener.dos import ENERGY_GRID, GAP_THRESHOLD, band_gap
 from screener.gap_set import read_gap_set
 from screener.model.checkpoint import load_checkpoint
@@ -116,6 +122,10 @@ def gap_set_report(model, meta: dict, split: str, batch_size: int, device: str,
     if not path.is_file() or file_sha256(path) != info["hash"]:
         note = (f"gap set {path} is missing or not the file the model trained with: its scores "
                 "skipped (pass that file with --gaps)")
+        return None, [note]
+    if info.get("split") != SPLIT_METHOD:
+        note = ("the model's gap set was split by row position, a rule this version no longer "
+                "has: its gap-set scores skipped")
         return None, [note]
     gap_set = read_gap_set(path, info["exclude"], info["seed"])
     rows = np.arange(len(gap_set.ids)) if split == "all" else gap_set.split[split]

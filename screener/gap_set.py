@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from screener.dataset import JARVIS_GAP_KEY, reference_gap_value, split_indices
+from screener.dataset import JARVIS_GAP_KEY, reference_gap_value, split_by_id
 from screener.dft import GAP_ZERO_OFFSET
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
 from screener.graphs import build_graphs
@@ -35,7 +35,7 @@ SPLIT_SEED = 0
 @dataclass
 class GapSet:
     """Structures with a known gap: ids, graphs, gaps, (n, 2, 300) lower/upper DOS bounds and
-    a seeded train/val/test split of the rows."""
+    a train/val/test split of the rows by id (dataset.split_by_id)."""
 
     ids: list[str]
     graphs: list[dict]
@@ -75,8 +75,9 @@ def read_gap_set(path: str | Path, exclude: Iterable[str] = (), seed: int = SPLI
                  ) -> GapSet:
     """Every structure in a JARVIS record file with a usable gap and graph, minus `exclude`.
 
-    The split is made after exclusion and is seeded, so every training worker and the
-    evaluation afterwards see the same rows. Training uses SPLIT_SEED whatever its own seed,
+    The split follows each id (dataset.split_by_id), so every training worker and the
+    evaluation afterwards see the same rows, and a structure keeps its part when the
+    exclusions change as the labelled set grows. Training uses SPLIT_SEED whatever its own seed,
     so that runs differing only in seed are scored on the same gap-set rows.
     """
     skip = set(exclude)
@@ -95,7 +96,7 @@ def read_gap_set(path: str | Path, exclude: Iterable[str] = (), seed: int = SPLI
     return GapSet(ids=[r[0] for r in rows], graphs=[r[1] for r in rows],
                   gaps=np.array([r[2] for r in rows], np.float64),
                   bounds=np.stack([r[3] for r in rows]) if rows else np.zeros((0, 2, N_BINS)),
-                  split=split_indices(len(rows), seed))
+                  split=split_by_id([r[0] for r in rows], seed))
 
 
 def bounds_excess(dos: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:

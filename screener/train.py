@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from screener.dataset import read_set_graphs, read_training_set
+from screener.dataset import SPLIT_METHOD, read_set_graphs, read_training_set
 from screener.errors import ScreenerError
 from screener.gap_set import SPLIT_SEED, bounds_excess, read_gap_set, spectrum_bounds
 from screener.graphs import collate
@@ -511,7 +511,7 @@ def gap_meta(settings: dict) -> dict | None:
     if not settings["gaps"]:
         return None
     return {"path": settings["gaps"], "hash": settings["gaps_hash"], "seed": SPLIT_SEED,
-            "exclude": settings["gap_exclude"], "weight": settings["gap_weight"]}
+            "split": SPLIT_METHOD, "exclude": settings["gap_exclude"], "weight": settings["gap_weight"]}
 
 
 def baseline_mae(data) -> float:

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from screener.cli import main
 from screener.dataset import (
+    FRACTIONS,
     SPLITS,
     from_jarvis_edos,
     from_json,
@@ -19,7 +20,7 @@ from screener.dataset import (
     read_structures,
     read_training_set,
     skipped_summary,
-    split_indices,
+    split_by_id,
     write_training_set,
 )
 from screener.dos import N_BINS, band_gap, dos_at_ef
@@ -48,17 +49,23 @@ def written(sample, tmp_path_factory):
     return path
 
 
-def test_split_is_a_seeded_partition():
-    split = split_indices(10, seed=1)
-    assert [len(split[k]) for k in SPLITS] == [7, 1, 2]
-    assert np.array_equal(np.sort(np.concatenate(list(split.values()))), np.arange(10))
-    assert all(np.array_equal(split[k], split_indices(10, seed=1)[k]) for k in SPLITS)
-    assert not np.array_equal(split["train"], split_indices(10, seed=2)["train"])
-    assert [len(split_indices(3)[k]) for k in SPLITS] == [1, 1, 1]
-    big = split_indices(56_000)
-    assert [len(big[k]) for k in SPLITS] == [39_200, 5_600, 11_200]
+def test_split_follows_ids_and_keeps_them_as_the_set_grows():
+    ids = [f"JVASP-{i}" for i in range(5000)]
+    split = split_by_id(ids, seed=1)
+    assert np.array_equal(np.sort(np.concatenate(list(split.values()))), np.arange(5000))
+    assert all(np.array_equal(split[k], split_by_id(ids, seed=1)[k]) for k in SPLITS)
+    assert not np.array_equal(split["train"], split_by_id(ids, seed=2)["train"])
+    sizes = np.array([len(split[k]) for k in SPLITS]) / len(ids)
+    np.testing.assert_allclose(sizes, FRACTIONS, atol=0.02)
+    grown_ids = ids[::-1] + ["mp-1", "mp-2"]
+    grown = split_by_id(grown_ids, seed=1)
+    part_of = {grown_ids[i]: k for k in SPLITS for i in grown[k]}
+    assert all(part_of[ids[i]] == k for k in SPLITS for i in split[k])
+    assert [len(split_by_id(ids[:3])[k]) for k in SPLITS] == [1, 1, 1]
+    assert all(len(split_by_id(ids[:n], seed)[k]) for n in (3, 4, 6) for seed in range(20)
+               for k in SPLITS)
     with pytest.raises(ValueError):
-        split_indices(10, fractions=(0.5, 0.2, 0.2))
+        split_by_id(ids, fractions=(0.5, 0.2, 0.2))
 
 
 def test_json_source_reads_all_ten_records(sample, records):
@@ -150,9 +157,9 @@ def test_round_trip(written, sample):
     np.testing.assert_array_equal(data.dos, sample.dos)
     assert np.isnan(data.ref_gap).all()
     for name in SPLITS:
-        np.testing.assert_array_equal(data.split[name], split_indices(10, seed=3)[name])
+        np.testing.assert_array_equal(data.split[name], split_by_id(data.ids, seed=3)[name])
     assert data.attrs["kind"] == "training_set" and data.attrs["schema_version"] == 1
-    assert data.attrs["split_seed"] == 3 and data.attrs["source"] == sample.provenance["source"]
+    assert data.attrs["split_seed"] == 3 and data.attrs["split_method"] == "id-hash" and data.attrs["source"] == sample.provenance["source"]
     np.testing.assert_array_equal(data.extra["n_atoms"], [s.n_atoms for s in sample.structures])
     s = sample.structures[4]
     expected = build_graph(s.lattice, s.positions, s.numbers)

@@ -14,7 +14,14 @@ from screener.dataset import (
     read_training_set,
     write_training_set,
 )
-from screener.evaluate import FIGURES, binary_gap_matrix, crystal_systems, evaluate, split_rows
+from screener.evaluate import (
+    FIGURES,
+    binary_gap_matrix,
+    crystal_systems,
+    evaluate,
+    gap_set_report,
+    split_rows,
+)
 from screener.model.checkpoint import build_model, save_checkpoint
 from screener.store import file_sha256
 
@@ -123,3 +130,12 @@ def test_the_shipped_model_scores_its_gap_set_from_a_file_given_here(tmp_path, s
                                       "--gaps", str(shared_data / "jarvis_edos_sample10.json")])
     assert wrong.exit_code == 0 and "gap set (" not in wrong.output
     assert "not the file the model trained with" in wrong.output
+
+
+def test_a_gap_set_split_by_row_position_is_not_scored(shared_data):
+    """Checkpoints from before split_by_id name no split method; rebuilding their gap set's
+    split by id would score them on structures they trained on."""
+    path = shared_data / "jarvis_structures.json.gz"
+    meta = {"gap_set": {"path": str(path), "hash": file_sha256(path), "seed": 0, "exclude": []}}
+    report, notes = gap_set_report(None, meta, "test", 64, "cpu")
+    assert report is None and "split by row position" in notes[0]

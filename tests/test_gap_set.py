@@ -78,6 +78,9 @@ def test_reads_real_records_minus_exclusions_with_a_seeded_split(records):
     assert sorted(np.concatenate(list(gap_set.split.values()))) == list(range(len(gap_set.ids)))
     again = read_gap_set(path, exclude=[held_out])
     assert all(np.array_equal(again.split[k], gap_set.split[k]) for k in gap_set.split)
+    fewer = read_gap_set(path, exclude=[held_out, gap_set.ids[0]])
+    part = {gap_set.ids[i]: k for k in gap_set.split for i in gap_set.split[k]}
+    assert all(part[fewer.ids[i]] == k for k in fewer.split for i in fewer.split[k])
 
 
 def test_training_with_the_gap_set_lowers_its_bounds_excess(data_path, records):  # noqa: F811

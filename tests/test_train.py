@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from screener import train as training
 from screener.cli import main
 from screener.dataset import from_json, read_training_set, write_training_set
-from screener.model import DOSAutoencoder, build_model, load_checkpoint
+from screener.model import build_model, load_checkpoint
 
 TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 16, "angle_rbf": 8, "alignn_layers": 1,
         "gcn_layers": 1}
@@ -111,23 +111,22 @@ def test_resuming_another_run_is_refused(data_path, tmp_path):
         training.resumable_state(folder, {**settings, "lr": 0.5})
 
 
-def test_autoencoder_learns_the_spectra_and_is_reused(data_path, tmp_path):
-    settings = settings_for(data_path, arch="ae-alignn", latent=4, data_hash="abc")
+def test_autoencoder_learns_the_spectra_and_is_reused(tmp_path):
+    """On the project's GPAW spectra: the kept autoencoder reconstructs unseen validation
+    spectra better than the mean training spectrum describes them."""
+    labels = REPO / "data" / "gpaw_labels.h5"
+    settings = settings_for(labels, arch="ae-alignn", latent=12, data_hash="abc")
     path = training.fit_autoencoder(settings, tmp_path)
     saved = torch.load(path, weights_only=True)
-    data = read_training_set(data_path, graphs=False)
-    autoencoder = DOSAutoencoder(4)
-    autoencoder.load_state_dict(saved["weights"])
-    train = torch.as_tensor(data.dos[data.split["train"]])
-    with torch.no_grad():
-        mae = float((autoencoder(train) - train).abs().mean())
-    mean_spectrum_mae = float((train.mean(0) - train).abs().mean())
-    assert mae < 0.5 * mean_spectrum_mae and np.isfinite(saved["val_mae"])
+    data = read_training_set(labels, graphs=False)
+    mean_spectrum = data.dos[data.split["train"]].mean(0)
+    baseline = float(np.abs(mean_spectrum - data.dos[data.split["val"]]).mean())
+    assert saved["val_mae"] < baseline
     stamp = path.stat().st_mtime_ns
     assert training.fit_autoencoder(settings, tmp_path) == path
     assert path.stat().st_mtime_ns == stamp
     task = training.make_task({**settings, "autoencoder": str(path)})
-    assert task.targets_of(data.dos).shape == (10, 4)
+    assert task.targets_of(data.dos[:5]).shape == (5, 12)
     assert not any(p.requires_grad for p in task.model.decoder.parameters())
 
 
