@@ -35,6 +35,10 @@ FRACTIONS = (0.7, 0.1, 0.2)
 # How split_by_id assigns structures; recorded with every split it makes (older sets and
 # gap-set metas, without it, were split by row position).
 SPLIT_METHOD = "id-hash"
+# One seed for labelled sets and gap sets alike: a structure that moves from the gap set into
+# the labelled set when it gets a spectrum keeps its part, so nothing trained on as a gap is
+# later tested on as a spectrum.
+SPLIT_SEED = 0
 EDOS_DATASET = "edos_pdos"
 JARVIS_THEORY = "DFT, VASP, OptB88vdW (JARVIS-DFT)"
 JARVIS_GAP_KEY = "optb88vdw_bandgap"
@@ -74,7 +78,7 @@ class Labelled:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def split_by_id(ids: Iterable[str], seed: int = 0, fractions=FRACTIONS) -> dict[str, np.ndarray]:
+def split_by_id(ids: Iterable[str], seed: int = SPLIT_SEED, fractions=FRACTIONS) -> dict[str, np.ndarray]:
     """Seeded train/val/test split that follows each structure's id, not its row.
 
     A structure's part comes from a hash of (seed, id) alone, so a set that grows keeps every
@@ -106,7 +110,7 @@ def _unit_hash(seed: int, structure_id: str) -> float:
 
 def write_training_set(path: str | Path, structures: list[Structure], dos: np.ndarray,
                        ref_gap: np.ndarray, provenance: dict,
-                       extra: dict[str, np.ndarray] | None = None, seed: int = 0) -> None:
+                       extra: dict[str, np.ndarray] | None = None, seed: int = SPLIT_SEED) -> None:
     """Build every graph and write the set atomically (tmp file + rename), split included."""
     path = Path(path)
     dos = np.asarray(dos, dtype=np.float32)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from screener.dataset import JARVIS_GAP_KEY, reference_gap_value, split_by_id
+from screener.dataset import JARVIS_GAP_KEY, SPLIT_SEED, reference_gap_value, split_by_id
 from screener.dft import GAP_ZERO_OFFSET
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
 from screener.graphs import build_graphs
@@ -29,7 +29,6 @@ EDGE_MARGIN = 0.2
 # More than the E_F bin alone, so a model cannot meet it with a spike there.
 METAL_FLOOR = 3 * GAP_THRESHOLD
 METAL_WINDOW = 0.05
-SPLIT_SEED = 0
 
 
 @dataclass

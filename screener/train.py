@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from screener.dataset import SPLIT_METHOD, read_set_graphs, read_training_set
+from screener.dataset import SPLIT_METHOD, SPLIT_SEED, read_set_graphs, read_training_set
 from screener.errors import ScreenerError
-from screener.gap_set import SPLIT_SEED, bounds_excess, read_gap_set, spectrum_bounds
+from screener.gap_set import bounds_excess, read_gap_set, spectrum_bounds
 from screener.graphs import collate
 from screener.metrics import baseline_spectrum, spectrum_mae
 from screener.model import (

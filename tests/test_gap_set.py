@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from screener import train as training
-from screener.dataset import from_json
+from screener.dataset import SPLIT_SEED, from_json
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
 from screener.gap_set import (
     EDGE_MARGIN,
     METAL_FLOOR,
-    SPLIT_SEED,
     bounds_excess,
     dos_bounds,
     read_gap_set,
