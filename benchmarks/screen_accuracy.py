@@ -6,8 +6,9 @@
 Prints the gap MAE and metal/non-metal confusion over every screened structure with a
 reference gap, then the window: how many the screen shortlisted, how many of those JARVIS puts
 inside it (precision) or within 0.5 eV of it, and how many of JARVIS's in-window structures it
-found (recall). `--labelled` counts shortlisted structures whose DOS the model may have trained
-on, so an in-sample hit is not mistaken for a discovery.
+found (recall). `--labelled` flags shortlisted structures whose DOS the model may have trained
+on and scores the structures outside that set again on their own, so an in-sample hit is not
+mistaken for a discovery.
 """
 from __future__ import annotations
 
@@ -40,24 +41,32 @@ def main() -> None:
     ids = rows["ids"].astype(str)
     ref = np.array([known.get(i, np.nan) for i in ids])
     pred = rows["band_gap"].astype(np.float64)
-    scored = gap_metrics(pred, ref)
-    print(f"{ids.size} screened, {scored['n_known']} with a JARVIS gap: gap MAE "
-          f"{scored['gap_mae']:.3f} eV, confusion [ref metal, non-metal] x [pred metal, "
-          f"non-metal] {scored['confusion']}")
-
     labelled = (set(read_training_set(args.labelled, graphs=False).ids.astype(str))
                 if args.labelled else set())
     picked = np.isin(ids, query(args.results, bandgap=(lo, hi))["ids"].astype(str))
+    scopes = {"all": np.ones(ids.size, bool)}
+    if labelled:
+        scopes["not GPAW-labelled"] = ~np.isin(ids, list(labelled))
+    for scope, mask in scopes.items():
+        print(f"{scope}:")
+        _score(pred[mask], ref[mask], picked[mask], lo, hi)
+    for i in np.flatnonzero(picked):
+        flag = "  (GPAW-labelled)" if ids[i] in labelled else ""
+        print(f"  {ids[i]:14s} {rows['formula'][i]:12s} predicted {pred[i]:.2f}  "
+              f"JARVIS {ref[i]:.2f}{flag}")
+
+
+def _score(pred: np.ndarray, ref: np.ndarray, picked: np.ndarray, lo: float, hi: float) -> None:
+    scored = gap_metrics(pred, ref)
+    print(f"{pred.size} screened, {scored['n_known']} with a JARVIS gap: gap MAE "
+          f"{scored['gap_mae']:.3f} eV, confusion [ref metal, non-metal] x [pred metal, "
+          f"non-metal] {scored['confusion']}")
     inside = (ref >= lo) & (ref <= hi)
     near = (ref >= lo - NEAR_EV) & (ref <= hi + NEAR_EV)
     print(f"window {lo}:{hi} eV: shortlisted {picked.sum()}, JARVIS inside {(picked & inside).sum()}"
           f" (precision {_share(picked & inside, picked)}), within {NEAR_EV} eV "
           f"{(picked & near).sum()}; JARVIS has {inside.sum()} inside, found "
           f"{(picked & inside).sum()} (recall {_share(picked & inside, inside)})")
-    for i in np.flatnonzero(picked):
-        flag = "  (GPAW-labelled)" if ids[i] in labelled else ""
-        print(f"  {ids[i]:14s} {rows['formula'][i]:12s} predicted {pred[i]:.2f}  "
-              f"JARVIS {ref[i]:.2f}{flag}")
 
 
 def _share(hit: np.ndarray, of: np.ndarray) -> str:
