@@ -34,18 +34,18 @@ RECIPE = ("arch", "latent", "batch_size", "lr", "epochs", "patience", "loss", "a
           "ae_epochs", "gap_weight", "config")
 
 
-def subset_file(data: Path, fraction: float, out: Path) -> Path:
+def subset_file(data: Path, fraction: float, out: Path) -> tuple[Path, int]:
     """`data` with the first `fraction` of its training rows (in a seeded order), all of
-    validation and test."""
+    validation and test; and how many training rows it holds."""
     ts = read_training_set(data, graphs=False)
     if ts.attrs["split_method"] != SPLIT_METHOD:
         raise SystemExit(f"{data} is split by {ts.attrs['split_method']}: a subset would get "
                          "other validation and test structures; export it again")
     if fraction == 1:
-        return data
+        return data, ts.split["train"].size
     train_rows = np.random.default_rng(0).permutation(ts.split["train"])
-    keep = np.sort(np.concatenate([train_rows[:round(fraction * train_rows.size)],
-                                   ts.split["val"], ts.split["test"]]))
+    n_train = round(fraction * train_rows.size)
+    keep = np.sort(np.concatenate([train_rows[:n_train], ts.split["val"], ts.split["test"]]))
     with h5py.File(data, "r") as f:
         provenance = json.loads(f.attrs["provenance"])
     path = out / f"subset_{fraction:g}.h5"
@@ -54,17 +54,17 @@ def subset_file(data: Path, fraction: float, out: Path) -> Path:
                        {**provenance, "subset_of": str(data), "train_fraction": fraction},
                        {name: values[keep] for name, values in ts.extra.items()},
                        seed=int(ts.attrs["split_seed"]))
-    return path
+    return path, n_train
 
 
 def run(data: Path, recipe: dict, fraction: float, out: Path, gaps, hold_out) -> dict:
     run_dir = out / f"f{fraction:g}"
-    path = subset_file(data, fraction, out)
+    path, n_train = subset_file(data, fraction, out)
     metrics = train.train(path, run_dir, gaps=gaps, hold_out=hold_out,
                           **{k: v for k, v in recipe.items() if v is not None})
     report = evaluate(run_dir, path, "test", run_dir / "report", gap_file=gaps)
     summary = report["summary"]
-    return {"fraction": fraction, "n_train": len(read_training_set(path, graphs=False).split["train"]),
+    return {"fraction": fraction, "n_train": int(n_train),
             "best_epoch": metrics["best_epoch"], "val_mae": metrics["val_mae"],
             "test_mae": summary["mae_mean"], "baseline": summary["baseline_mae_mean"],
             "ratio": summary["baseline_over_model"]}

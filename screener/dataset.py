@@ -96,7 +96,7 @@ def split_by_id(ids: Iterable[str], seed: int = SPLIT_SEED, fractions=FRACTIONS)
     if len(position) >= 3:
         for k in np.flatnonzero(np.array(fractions) > 0):
             if not (part == k).any():
-                donors = np.flatnonzero(part == np.bincount(part, minlength=3).argmax())
+                donors = np.flatnonzero(part == np.bincount(part, minlength=len(SPLITS)).argmax())
                 centre = edges[k] - fractions[k] / 2
                 part[donors[np.abs(position[donors] - centre).argmin()]] = k
     return {name: np.flatnonzero(part == k) for k, name in enumerate(SPLITS)}

@@ -118,14 +118,14 @@ def gap_set_report(model, meta: dict, split: str, batch_size: int, device: str,
     if not info:
         return None, [f"--gaps {gap_file} ignored: the model was trained without a gap set"
                       ] if gap_file else []
+    if info.get("split") != SPLIT_METHOD:
+        note = ("the model's gap set was split by row position, a rule this version no longer "
+                "has: its gap-set scores skipped")
+        return None, [note]
     path = Path(gap_file or info["path"])
     if not path.is_file() or file_sha256(path) != info["hash"]:
         note = (f"gap set {path} is missing or not the file the model trained with: its scores "
                 "skipped (pass that file with --gaps)")
-        return None, [note]
-    if info.get("split") != SPLIT_METHOD:
-        note = ("the model's gap set was split by row position, a rule this version no longer "
-                "has: its gap-set scores skipped")
         return None, [note]
     gap_set = read_gap_set(path, info["exclude"], info["seed"])
     rows = np.arange(len(gap_set.ids)) if split == "all" else gap_set.split[split]
