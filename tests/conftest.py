@@ -50,6 +50,23 @@ def screen_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "screener.cli", "run", "--quiet", *args]
 
 
+def ray_workers(pgid: int, title: str) -> list[int]:
+    """Ray workers whose title starts with `title` (Ray titles a worker `ray::<task>` while it
+    runs one) and whose parent, a raylet, is in process group `pgid`. Workers lead their own
+    process group, so the raylet is what ties them to this test's run and no one else's."""
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:  # exited meanwhile
+                continue
+            procs[int(entry.name)] = (int(stat[1]), int(stat[2]), cmdline)
+    return [pid for pid, (ppid, _, cmdline) in procs.items()
+            if cmdline.startswith(title.encode()) and procs.get(ppid, (0, 0))[1] == pgid]
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL a process started with start_new_session=True and its group, which holds any
     Ray it started (Ray workers lead their own groups but exit with their raylet); reap it."""

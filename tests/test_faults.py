@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY, complete_ids, kill_group, screen_cmd
+from conftest import TINY, complete_ids, kill_group, ray_workers, screen_cmd
 
 from screener import store
 from screener.cli import main
@@ -39,23 +39,6 @@ def small_folder(shared_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small")
     copy_poscars(shared_data, root, N_SMALL)
     return root
-
-
-def ray_workers(pgid: int, title: str) -> list[int]:
-    """Ray workers whose title starts with `title` (Ray titles a worker `ray::<task>` while it
-    runs one) and whose parent, a raylet, is in process group `pgid`. Workers lead their own
-    process group, so the raylet is what ties them to this test's run and no one else's."""
-    procs = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:  # exited meanwhile
-                continue
-            procs[int(entry.name)] = (int(stat[1]), int(stat[2]), cmdline)
-    return [pid for pid, (ppid, _, cmdline) in procs.items()
-            if cmdline.startswith(title.encode()) and procs.get(ppid, (0, 0))[1] == pgid]
 
 
 def kill_worker(proc: subprocess.Popen, title: str) -> None:

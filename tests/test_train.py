@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import ray_workers
 
 from screener import train as training
 from screener.cli import main
@@ -156,6 +157,15 @@ def test_two_worker_ddp_from_the_cli(ray_local, data_path, shared_data, tmp_path
     assert "JVASP-107" in meta["gap_set"]["exclude"] and meta["gap_set"]["weight"] == training.GAP_WEIGHT
 
 
+def wait_for_exit(pids: list[int], seconds: float = 60) -> None:
+    """Ray ends a dead driver's train workers a moment after it, and one may still copy a
+    checkpoint meanwhile: the run's last checkpoint is only known once they are gone."""
+    deadline = time.monotonic() + seconds
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        assert time.monotonic() < deadline, f"train workers {pids} outlived their driver"
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_killed_ae_alignn_training_resumes_from_its_last_checkpoint(ray_local, data_path, tmp_path):
     out = tmp_path / "run"
@@ -176,6 +186,7 @@ def test_killed_ae_alignn_training_resumes_from_its_last_checkpoint(ray_local, d
     finally:
         job.send_signal(signal.SIGKILL)
         job.wait()
+    wait_for_exit(ray_workers(os.getpgid(0), "ray::RayTrainWorker"))
     killed_at = torch.load(training.latest_checkpoint(out) / "state.pt")["epoch"]
     assert 1 <= killed_at < options["epochs"]
 
