@@ -205,13 +205,14 @@ def graphs_of(part: Part, pick: np.ndarray) -> list[dict]:
     return [part.graphs[int(part.rows[i])] for i in pick]
 
 
-def train_epoch(net: nn.Module, decode, part: Part, gap_part: Part | None, optimizer, scheduler,
-                settings: dict, order: np.ndarray, gap_order: np.ndarray, device) -> float:
+def train_epoch(net: nn.Module, task: Task, part: Part, gap_part: Part | None, optimizer,
+                scheduler, settings: dict, order: np.ndarray, gap_order: np.ndarray,
+                device) -> float:
     """One pass over this rank's shard; returns the mean training loss.
 
     With a gap set, each step also takes an equal share of `gap_order`; both go through one
     forward pass (DDP allows one per backward). The bounds term covers every structure that
-    has bounds, labelled ones included.
+    has bounds, labelled ones included, weighed by gap_weight x the task's target scale.
     """
     net.train()
     total, steps = 0.0, 0
@@ -228,9 +229,9 @@ def train_epoch(net: nn.Module, decode, part: Part, gap_part: Part | None, optim
         bounds = ([part.bounds[pick]] if own else []) + (
             [gap_part.bounds[gap_pick]] if len(gap_pick) else [])
         if bounds:
-            bounded = decode(pred if own else pred[len(pick):])
+            bounded = task.decode(pred if own else pred[len(pick):])
             excess = bounds_excess(bounded, torch.as_tensor(np.concatenate(bounds), device=device))
-            loss = loss + settings["gap_weight"] * excess.mean()
+            loss = loss + settings["gap_weight"] * task.target_scale * excess.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -264,12 +265,14 @@ def validation_mean(net: nn.Module, decode, part: Part | None, batch_size: int, 
 @dataclass
 class Task:
     """What a worker trains: `model` is what gets saved, `trainable` the part DDP wraps,
-    `decode` maps its output to a spectrum and `targets_of` maps spectra to its targets."""
+    `decode` maps its output to a spectrum, `targets_of` maps spectra to its targets and
+    `target_scale` is how much larger the loss is in target units than in DOS units."""
 
     model: nn.Module
     trainable: nn.Module
     decode: object
     targets_of: object
+    target_scale: float = 1.0
 
 
 def make_task(settings: dict) -> Task:
@@ -282,7 +285,24 @@ def make_task(settings: dict) -> Task:
     model = build_model("ae-alignn", {**settings["config"], "latent": settings["latent"]})
     model.decoder.load_state_dict(autoencoder.decoder.state_dict())
     model.decoder.requires_grad_(False)
-    return Task(model, model.alignn, model.decoder, lambda dos: encode(autoencoder, dos))
+    data = read_training_set(settings["data"], graphs=False)
+    train_dos = data.dos[data.split["train"]]
+    return Task(model, model.alignn, model.decoder, lambda dos: encode(autoencoder, dos),
+                target_scale(encode(autoencoder, train_dos), train_dos, settings["loss"]))
+
+
+def target_scale(targets: np.ndarray, dos: np.ndarray, loss: str) -> float:
+    """The mean training target's loss over the mean training spectrum's loss.
+
+    AE-ALIGNN's loss is on latent codes, about 130x the DOS scale in L1, while the gap term is
+    on decoded spectra: scaled by this, it weighs against the spectrum loss as it does for
+    D-ALIGNN, and --gap-weight means the same for both.
+    """
+    def baseline(values: np.ndarray) -> float:
+        values = torch.as_tensor(values)
+        return float(LOSSES[loss](values.mean(0).expand_as(values), values))
+
+    return baseline(targets) / baseline(dos)
 
 
 @torch.no_grad()
@@ -392,7 +412,7 @@ def train_loop(settings: dict) -> None:
             len(train_part.rows))
         gap_order = (np.random.default_rng([settings["seed"], epoch, rank, 1]).permutation(
             len(gap_train.rows))[:GAP_SHARE * len(order)] if gap_train else order[:0])
-        loss = train_epoch(net, task.decode, train_part, gap_train, optimizer, scheduler,
+        loss = train_epoch(net, task, train_part, gap_train, optimizer, scheduler,
                            settings, order, gap_order, device)
         val, val_gap = (validation_mean(task.trainable, task.decode, part, settings["batch_size"],
                                         device, settings["amp"]) for part in (val_part, gap_val))

@@ -52,7 +52,7 @@ def local_run(settings: dict):
 def one_epoch(task, part, optimizer, scheduler, settings, epoch: int, gap_part=None) -> float:
     order = np.random.default_rng([settings["seed"], epoch, 0]).permutation(len(part.rows))
     gap_order = np.arange(len(gap_part.rows)) if gap_part else order[:0]
-    return training.train_epoch(task.trainable, task.decode, part, gap_part, optimizer, scheduler,
+    return training.train_epoch(task.trainable, task, part, gap_part, optimizer, scheduler,
                                 settings, order, gap_order, torch.device("cpu"))
 
 
@@ -129,6 +129,15 @@ def test_autoencoder_learns_the_spectra_and_is_reused(tmp_path):
     task = training.make_task({**settings, "autoencoder": str(path)})
     assert task.targets_of(data.dos[:5]).shape == (5, 12)
     assert not any(p.requires_grad for p in task.model.decoder.parameters())
+
+
+def test_gap_term_follows_the_units_of_the_spectrum_loss(data_path):
+    """AE-ALIGNN's spectrum loss is on latent codes: the gap term, on decoded spectra, is
+    scaled by how the mean target's loss compares with the mean spectrum's."""
+    dos = read_training_set(data_path, graphs=False).dos
+    assert training.target_scale(10 * dos, dos, "l1") == pytest.approx(10, rel=1e-5)
+    assert training.target_scale(10 * dos, dos, "mse") == pytest.approx(100, rel=1e-5)
+    assert training.make_task(settings_for(data_path)).target_scale == 1
 
 
 @pytest.mark.slow
