@@ -294,9 +294,9 @@ def make_task(settings: dict) -> Task:
 def target_scale(targets: np.ndarray, dos: np.ndarray, loss: str) -> float:
     """The mean training target's loss over the mean training spectrum's loss.
 
-    AE-ALIGNN's loss is on latent codes, about 130x the DOS scale in L1, while the gap term is
-    on decoded spectra: scaled by this, it weighs against the spectrum loss as it does for
-    D-ALIGNN, and --gap-weight means the same for both.
+    AE-ALIGNN's loss is on latent codes, 130-165x the DOS scale in L1 on the GPAW set, while
+    the gap term is on decoded spectra: scaled by this, it weighs against the spectrum loss as
+    it does for D-ALIGNN, and --gap-weight means the same for both.
     """
     def baseline(values: np.ndarray) -> float:
         values = torch.as_tensor(values)
