@@ -296,7 +296,8 @@ def evaluate_model(model_path, data_path, split, out_dir, batch_size, device, ga
               help="Structures to leave out of --gaps, e.g. the ones the model will screen "
                    "(repeatable).")
 @click.option("--gap-weight", type=float, default=10.0, show_default=True,
-              help="Weight of the --gaps bounds term next to the spectrum loss.")
+              help="Weight of the --gaps bounds term next to the spectrum loss; for "
+                   "AE-ALIGNN also times its latent loss's scale over the DOS's.")
 @click.option("--address", help="Ray cluster address; default: a local Ray.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_command(data_path, out_dir, arch, latent, latent_sweep, overrides, **options):
