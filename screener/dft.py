@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import resource
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -160,8 +161,11 @@ def calculate_with_timeout(structure: Structure, settings: Settings, timeout: fl
     """dft.calculate in a child process killed after `timeout` s: a Label, or why it failed.
 
     A child, not a thread: GPAW's C loops cannot be interrupted, and a killed child frees its
-    memory. A child that dies (out of memory, segfault) is reported with its exit code.
+    memory. A child that dies (out of memory, segfault) is reported with its exit code. A
+    timeout says how much CPU time the child got: far less than the wall time means other work
+    starved it, and a retry on a quieter machine may finish it.
     """
+    cpu_before = _children_cpu_time()
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_child, args=(send, structure, settings, txt, os.getpid()),
@@ -171,7 +175,8 @@ def calculate_with_timeout(structure: Structure, settings: Settings, timeout: fl
     try:
         if not receive.poll(timeout):
             child.kill()
-            return f"timed out after {timeout:g} s"
+            child.join()
+            return f"timed out after {timeout:g} s ({_children_cpu_time() - cpu_before:.0f} s CPU)"
         try:
             return receive.recv()
         except EOFError:
@@ -182,6 +187,12 @@ def calculate_with_timeout(structure: Structure, settings: Settings, timeout: fl
         if child.is_alive():
             child.kill()
         receive.close()
+
+
+def _children_cpu_time() -> float:
+    """User + system seconds of finished children; a killed child counts once joined."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _child(send, structure: Structure, settings: Settings, txt: str | None, parent: int) -> None:
