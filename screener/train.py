@@ -43,7 +43,7 @@ LOSSES = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss}
 LATENT_SWEEP = (8, 12, 16, 20)
 RUN_NAME = "ray"
 AE_BATCH = 32
-AE_FORMAT = 3  # 3: log spectra; an older autoencoder.pt is retrained, not reused
+AE_FORMAT = 4  # 3: log spectra; 4: target_scale stored; an older autoencoder.pt is retrained
 WEIGHT_DECAY = 1e-5
 # Gap-set structures per labelled structure in an epoch, drawn afresh each epoch: the gap set
 # is ~6x the labelled one, and a full pass over it per epoch made epochs 7x slower.
@@ -280,15 +280,14 @@ def make_task(settings: dict) -> Task:
     if settings["arch"] == "d-alignn":
         model = build_model("d-alignn", settings["config"])
         return Task(model, model, lambda out: out, lambda dos: dos)
+    saved = torch.load(settings["autoencoder"], weights_only=True)
     autoencoder = DOSAutoencoder(settings["latent"])
-    autoencoder.load_state_dict(torch.load(settings["autoencoder"], weights_only=True)["weights"])
+    autoencoder.load_state_dict(saved["weights"])
     model = build_model("ae-alignn", {**settings["config"], "latent": settings["latent"]})
     model.decoder.load_state_dict(autoencoder.decoder.state_dict())
     model.decoder.requires_grad_(False)
-    data = read_training_set(settings["data"], graphs=False)
-    train_dos = data.dos[data.split["train"]]
     return Task(model, model.alignn, model.decoder, lambda dos: encode(autoencoder, dos),
-                target_scale(encode(autoencoder, train_dos), train_dos, settings["loss"]))
+                saved["target_scale"])
 
 
 def target_scale(targets: np.ndarray, dos: np.ndarray, loss: str) -> float:
@@ -313,10 +312,11 @@ def encode(autoencoder: DOSAutoencoder, dos: np.ndarray) -> np.ndarray:
 def fit_autoencoder(settings: dict, out: Path) -> Path:
     """Train the DOS autoencoder on the training spectra (MSE in standard scores of log DOS),
     keeping the weights with the best validation reconstruction MAE. Runs in the driver: it is
-    small next to ALIGNN. A rerun of the same run reuses out_dir/autoencoder.pt."""
+    small next to ALIGNN. The loss's target_scale is stored with the weights, so workers need not
+    read the spectra again. A rerun of the same run reuses out_dir/autoencoder.pt."""
     path = out / "autoencoder.pt"
     key = {"format": AE_FORMAT,
-           **{name: settings[name] for name in ("data_hash", "latent", "seed", "ae_epochs")}}
+           **{name: settings[name] for name in ("data_hash", "latent", "seed", "ae_epochs", "loss")}}
     if path.exists() and torch.load(path, weights_only=True)["key"] == key:
         return path
     data = read_training_set(settings["data"], graphs=False)
@@ -346,7 +346,12 @@ def fit_autoencoder(settings: dict, out: Path) -> Path:
         elif epoch - best_epoch >= settings["patience"]:
             break
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"key": key, "weights": weights, "val_mae": best, "best_epoch": best_epoch}, tmp)
+    model.load_state_dict(weights)
+    model.cpu()
+    train_dos = train_dos.cpu().numpy()
+    scale = target_scale(encode(model, train_dos), train_dos, settings["loss"])
+    torch.save({"key": key, "weights": weights, "val_mae": best, "best_epoch": best_epoch,
+                "target_scale": scale}, tmp)
     tmp.replace(path)
     return path
 

@@ -128,6 +128,9 @@ def test_autoencoder_learns_the_spectra_and_is_reused(tmp_path):
     assert path.stat().st_mtime_ns == stamp
     task = training.make_task({**settings, "autoencoder": str(path)})
     assert task.targets_of(data.dos[:5]).shape == (5, 12)
+    train_dos = data.dos[data.split["train"]]
+    assert task.target_scale == pytest.approx(
+        training.target_scale(task.targets_of(train_dos), train_dos, "mse"), rel=1e-5)
     assert not any(p.requires_grad for p in task.model.decoder.parameters())
 
 
