@@ -351,7 +351,8 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
                    "alternating JARVIS-gapped and other structures.")
 @click.option("--kpt-density", type=float, default=2.5, show_default=True,
               help="k-points per reciprocal Angstrom (ASE density).")
-@click.option("--retry-failed", is_flag=True, help="Calculate failed structures again.")
+@click.option("--retry-failed", is_flag=True,
+              help="Calculate failed structures again (a lost Ray task is always tried again).")
 @click.option("--export-only", is_flag=True, help="Only write --out from the finished parts.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def label_command(structures, out, address, workers, timeout, limit, order, kpt_density,

@@ -33,6 +33,7 @@ from screener.structures import Failure, Source, Structure, discover, load, read
 ORDERS = ("input", "small-first", "gap-balanced")
 GAPPED_ABOVE = 0.1
 STAGE = "label"
+LOST = "Ray task lost"  # the worker or node died: not the structure's fault, so tried again
 TIMEOUT = 600.0
 _RECORD_ORIGIN = re.compile(r"^(?P<file>.+\.json(\.gz)?)\[(?P<index>\d+)\]$")
 _SETTINGS_FILE = "settings.json"
@@ -77,7 +78,8 @@ def label_inputs(selected: list[tuple[Structure | Failure, float]], out: str | P
                  settings: Settings | None = None, address: str | None = None,
                  workers: int | None = None, timeout: float = TIMEOUT,
                  retry_failed: bool = False, progress: bool = True) -> LabelSummary:
-    """Label every input that has no part yet, then export all parts to `out`."""
+    """Label every input that has no part yet, then export all parts to `out`. A structure whose
+    task Ray lost is tried again; other failures only with `retry_failed`."""
     from tqdm import tqdm
 
     require_gpaw()
@@ -86,7 +88,8 @@ def label_inputs(selected: list[tuple[Structure | Failure, float]], out: str | P
     parts = parts_dir(out)
     _check_settings(parts, settings)
     found = read_parts(parts)
-    done = {p["id"] for p in found if p["status"] == "ok" or not retry_failed}
+    done = {p["id"] for p in found
+            if p["status"] == "ok" or not (retry_failed or p["reason"].startswith(LOST))}
     n_already = sum(item.id in done for item, _ in selected)
     summary = LabelSummary(n_selected=len(selected), n_already=n_already)
     todo = [(item, ref_gap) for item, ref_gap in selected if item.id not in done]
@@ -227,7 +230,8 @@ def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Setti
                record: Callable[[dict], None]) -> None:
     """Keep `workers` tasks in flight (one CPU each) and record each result as it arrives.
 
-    A task that Ray itself loses (its worker or node died) becomes that structure's failure.
+    A task that Ray itself loses (its worker or node died) becomes that structure's failure, for
+    this run only: the next run tries it again.
     """
     from screener.pipeline import connect
 
@@ -244,7 +248,7 @@ def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Setti
         try:
             record(ray.get(ready))
         except ray.exceptions.RayError as error:
-            failure = Failure(structure.id, structure.source, STAGE, f"Ray task lost: {error}")
+            failure = Failure(structure.id, structure.source, STAGE, f"{LOST}: {error}")
             record(_failure_part(failure, ref_gap, 0.0, structure))
         for item in itertools.islice(queue, 1):
             in_flight[label_task.remote(*item, settings, timeout, logs)] = item

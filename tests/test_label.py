@@ -16,12 +16,16 @@ from screener.dft import Settings
 from screener.dos import E_STEP, ENERGY_GRID, band_gap
 from screener.label import (
     GAPPED_ABOVE,
+    LOST,
+    _failure_part,
     gap_balanced,
     label,
     parts_dir,
     read_inputs,
+    read_part,
     select,
     small_first,
+    write_part,
 )
 from screener.structures import Failure
 
@@ -130,6 +134,19 @@ def test_timeout_fails_the_structure_and_the_run_goes_on(inputs, tmp_path, ray_l
     timed_out = [f for f in summary.failures if f.stage == "label"]
     assert len(timed_out) == 2 and summary.n_labelled == 0 and summary.exported is None
     assert all(re.match(r"timed out after 1 s \(\d+ s CPU\)", f.reason) for f in timed_out)
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_a_lost_task_is_tried_again_by_the_next_run(inputs, tmp_path, ray_local):
+    """A dead worker is not the structure's fault: unlike other failures, its part is redone."""
+    pytest.importorskip("gpaw")
+    out = tmp_path / "lost.h5"
+    lost = Failure(CELLS[0], str(inputs), "label", f"{LOST}: the worker died")
+    write_part(parts_dir(out), _failure_part(lost, float("nan"), 0.0))
+    summary = label(inputs, out, FAST, workers=1, timeout=300, limit=2, progress=False)
+    assert (summary.n_already, summary.n_labelled) == (0, 1)  # and the bad record, failed
+    assert read_part(parts_dir(out), CELLS[0])["status"] == "ok"
 
 
 def test_small_first_spreads_chemistry(shared_data):
