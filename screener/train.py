@@ -347,9 +347,8 @@ def fit_autoencoder(settings: dict, out: Path) -> Path:
             break
     tmp = path.with_name(path.name + ".tmp")
     model.load_state_dict(weights)
-    model.cpu()
-    train_dos = train_dos.cpu().numpy()
-    scale = target_scale(encode(model, train_dos), train_dos, settings["loss"])
+    spectra = train_dos.cpu().numpy()
+    scale = target_scale(encode(model.cpu(), spectra), spectra, settings["loss"])
     torch.save({"key": key, "weights": weights, "val_mae": best, "best_epoch": best_epoch,
                 "target_scale": scale}, tmp)
     tmp.replace(path)
