@@ -3,8 +3,9 @@
 A label costs minutes, so every finished structure, labelled or failed, is written at once to
 `<out>.parts/` as a small JSON file (tmp + rename): a killed run loses only the calculations in
 flight, and a rerun skips every structure that has a part. `export` turns the parts into the
-training-set HDF5. Each calculation runs in a child process of its task, so a wall-time limit
-can kill it without taking the Ray worker, or the run, down with it.
+training-set HDF5; an exported set found without its parts (a committed or copied file) is
+turned back into parts first, so it resumes too. Each calculation runs in a child process of its
+task, so a wall-time limit can kill it without taking the Ray worker, or the run, down with it.
 """
 from __future__ import annotations
 
@@ -25,7 +26,14 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from screener.dataset import JARVIS_GAP_KEY, reference_gap_value
+from screener.dataset import (
+    JARVIS_GAP_KEY,
+    TrainingSet,
+    read_structures,
+    read_training_set,
+    reference_gap_value,
+    write_training_set,
+)
 from screener.dft import Settings, calculate_with_timeout, provenance
 from screener.errors import ScreenerError
 from screener.structures import Failure, Source, Structure, discover, load, read_records
@@ -37,6 +45,7 @@ LOST = "Ray task lost"  # the worker or node died: not the structure's fault, so
 TIMEOUT = 600.0
 _RECORD_ORIGIN = re.compile(r"^(?P<file>.+\.json(\.gz)?)\[(?P<index>\d+)\]$")
 _SETTINGS_FILE = "settings.json"
+_EXTRA_FLOATS = ("gpaw_gap", "vbm", "cbm", "e_fermi", "energy", "n_electrons", "wall_time")
 
 
 @dataclass
@@ -86,6 +95,7 @@ def label_inputs(selected: list[tuple[Structure | Failure, float]], out: str | P
     start = time.perf_counter()
     settings = settings or Settings()
     parts = parts_dir(out)
+    adopt_export(out, settings)
     _check_settings(parts, settings)
     found = read_parts(parts)
     done = {p["id"] for p in found
@@ -352,8 +362,6 @@ def _as_failure(part: dict) -> Failure:
 
 def export(out: str | Path) -> ExportSummary:
     """Consolidate the parts into the training set `out`; failures go to `<out>.failures.csv`."""
-    from screener.dataset import write_training_set
-
     out = Path(out)
     parts = parts_dir(out)
     found = read_parts(parts)
@@ -371,14 +379,57 @@ def export(out: str | Path) -> ExportSummary:
     write_training_set(out, structures, np.array([p["dos"] for p in ok]),
                        np.array([p["ref_gap"] for p in ok], dtype=np.float32), meta,
                        extra=_extra(ok))
-    _write_failures(out.with_name(out.name.removesuffix(".h5") + ".failures.csv"), failed)
+    _write_failures(_failures_path(out), failed)
     return ExportSummary(out, len(ok), len(failed))
+
+
+def adopt_export(out: str | Path, settings: Settings) -> int:
+    """Write a part for each structure, labelled or failed, that the exported `out` (and its
+    failures csv) holds and `out`'s parts folder lacks; return how many.
+
+    Without this a fresh clone of a committed training set would label it all again, and its
+    first export would overwrite the file with only the new structures.
+    """
+    out = Path(out)
+    if not out.exists():
+        return 0
+    data = read_training_set(out, graphs=False)
+    if data.attrs.get("settings") != asdict(settings):
+        raise ValueError(f"{out} was labelled with {data.attrs.get('settings')}, not "
+                         f"{asdict(settings)}: use another output or the same settings")
+    parts = parts_dir(out)
+    _check_settings(parts, settings)
+    have = {p["id"] for p in read_parts(parts)}
+    adopted = [p for p in [*_exported_parts(out, data), *_failed_parts(out)] if p["id"] not in have]
+    for part in adopted:
+        write_part(parts, part)
+    return len(adopted)
+
+
+def _exported_parts(out: Path, data: TrainingSet) -> Iterator[dict]:
+    for i, structure in enumerate(read_structures(out)):
+        label = {k: data.extra[k][i].tolist() for k in (*_EXTRA_FLOATS, "kpts")}
+        label["gap"] = label.pop("gpaw_gap")
+        yield {**_structure_fields(structure), "status": "ok", "ref_gap": float(data.ref_gap[i]),
+               "dos": data.dos[i].tolist(), **label}
+
+
+def _failed_parts(out: Path) -> Iterator[dict]:
+    path = _failures_path(out)
+    if path.exists():
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                failure = Failure(row["id"], row["source"], row["stage"], row["reason"])
+                yield _failure_part(failure, math.nan, 0.0)
+
+
+def _failures_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".h5") + ".failures.csv")
 
 
 def _extra(ok: list[dict]) -> dict[str, np.ndarray]:
     """Per-structure DFT results beside the DOS: eV, relative to the energy zero e_fermi."""
-    floats = ("gap", "vbm", "cbm", "e_fermi", "energy", "n_electrons", "wall_time")
-    extra = {("gpaw_gap" if k == "gap" else k): np.array([p[k] for p in ok]) for k in floats}
+    extra = {k: np.array([p["gap" if k == "gpaw_gap" else k] for p in ok]) for k in _EXTRA_FLOATS}
     extra["kpts"] = np.array([p["kpts"] for p in ok], dtype=np.int64)
     return extra
 

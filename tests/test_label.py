@@ -4,6 +4,7 @@ import gzip
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,33 @@ def test_rerun_computes_nothing(labelled, inputs):
     assert export.exit_code == 0 and "5 labelled, 1 failed" in export.output
     other = CliRunner().invoke(main, ["label", "--structures", str(inputs), "-o", str(out)])
     assert other.exit_code != 0 and "was labelled with {'kpt_density': 1.0" in other.output
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_a_set_without_its_parts_folder_resumes_without_recomputing(labelled, inputs, tmp_path):
+    """A committed or copied training set: the parts come back from the file and its csv."""
+    out, _ = labelled
+    copy = tmp_path / "labels.h5"
+    shutil.copy(out, copy)
+    shutil.copy(out.with_name("labels.failures.csv"), tmp_path)
+    before = read_training_set(copy)
+    result = CliRunner().invoke(main, ["label", "--structures", str(inputs), "-o", str(copy),
+                                       "--kpt-density", "1.0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "6 already done, 0 labelled, 0 failed" in result.output
+    assert "wrote" in result.output and "5 labelled, 1 failed" in result.output
+    after = read_training_set(copy)
+    assert list(after.ids) == list(before.ids) and np.array_equal(after.dos, before.dos)
+    assert all(np.array_equal(after.extra[k], before.extra[k]) for k in before.extra)
+    assert read_part(parts_dir(copy), "overlapping-atoms")["stage"] == "validate"
+    (tmp_path / "fresh").mkdir()
+    shutil.copy(out, tmp_path / "fresh" / "labels.h5")
+    refused = CliRunner().invoke(main, ["label", "--structures", str(inputs), "-o",
+                                        str(tmp_path / "fresh" / "labels.h5")])
+    assert refused.exit_code != 0 and "labels.h5 was labelled with {'kpt_density': 1.0" in (
+        refused.output)
+    assert not parts_dir(tmp_path / "fresh" / "labels.h5").exists()
 
 
 @pytest.mark.dft
