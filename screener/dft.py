@@ -76,7 +76,7 @@ class Label:
     wall_time: float
 
 
-def kpoint_grid(structure: Structure, density: float) -> tuple[int, int, int]:
+def kpoint_grid(atoms, density: float) -> tuple[int, int, int]:
     """The gamma-centred Monkhorst-Pack size ASE derives from a k-point density, made even.
 
     An even gamma-centred mesh holds the zone boundary (k = 1/2), where many band edges sit:
@@ -85,7 +85,7 @@ def kpoint_grid(structure: Structure, density: float) -> tuple[int, int, int]:
     """
     from ase.calculators.calculator import kpts2sizeandoffsets
 
-    size, _ = kpts2sizeandoffsets(density=density, gamma=True, atoms=to_atoms(structure))
+    size, _ = kpts2sizeandoffsets(density=density, gamma=True, atoms=atoms)
     return tuple(int(n + n % 2) if n > 1 else 1 for n in size)
 
 
@@ -100,7 +100,23 @@ def calculate(structure: Structure, settings: Settings = Settings(),
               txt: str | None = None) -> Label:
     """Run the SCF and reduce it to a Label; GPAW's exceptions propagate to the caller.
 
-    The DOS is normalized by GPAW's own valence count (calc.get_number_of_electrons(),
+    A cell too skewed for GPAW's finite-difference stencils (one JARVIS AlCrO4 cell has a 146
+    degree angle) is calculated in its Niggli-reduced form: the same crystal, so the same DOS.
+    """
+    from ase.build import niggli_reduce
+
+    atoms = to_atoms(structure)
+    try:
+        return _calculate(atoms, settings, txt)
+    except ValueError as error:
+        if "weird unit cell" not in str(error):
+            raise
+    niggli_reduce(atoms)
+    return _calculate(atoms, settings, txt)
+
+
+def _calculate(atoms, settings: Settings, txt: str | None) -> Label:
+    """The DOS is normalized by GPAW's own valence count (calc.get_number_of_electrons(),
     semicore states included as its setups have them): the normalized DOS of all states of
     the calculation integrates to exactly 1/2 (one spin, per electron) up to E_F.
     """
@@ -108,8 +124,7 @@ def calculate(structure: Structure, settings: Settings = Settings(),
     from gpaw import GPAW, KohnShamConvergenceError
 
     start = time.perf_counter()
-    atoms = to_atoms(structure)
-    kpts = kpoint_grid(structure, settings.kpt_density)
+    kpts = kpoint_grid(atoms, settings.kpt_density)
     atoms.calc = GPAW(mode="lcao", basis="dzp", xc="PBE", kpts={"size": kpts, "gamma": True},
                       occupations={"name": "fermi-dirac", "width": settings.smearing},
                       h=settings.grid_spacing, symmetry={"tolerance": SYMMETRY_TOLERANCE}, txt=txt)

@@ -177,6 +177,24 @@ def test_a_lost_task_is_tried_again_by_the_next_run(inputs, tmp_path, ray_local)
     assert read_part(parts_dir(out), CELLS[0])["status"] == "ok"
 
 
+@pytest.mark.dft
+@pytest.mark.slow
+def test_a_cell_too_skewed_for_gpaw_is_labelled_in_its_niggli_form(shared_data, tmp_path,
+                                                                    ray_local):
+    """JVASP-46446 (AlCrO4) has a 146 degree cell angle, which GPAW's stencils refuse."""
+    pytest.importorskip("gpaw")
+    [record] = [r for r in _records(shared_data) if r["jid"] == "JVASP-46446"]
+    inputs = tmp_path / "skewed.json"
+    inputs.write_text(json.dumps([record]))
+    out = tmp_path / "skewed.h5"
+    summary = label(inputs, out, Settings(kpt_density=0.3), workers=1, timeout=300,
+                    progress=False)
+    assert (summary.n_labelled, summary.n_failed) == (1, 0), summary.failures
+    part = read_part(parts_dir(out), "JVASP-46446")
+    assert np.allclose(part["lattice"], record["atoms"]["lattice_mat"])
+    assert np.isfinite(part["dos"]).all() and part["n_electrons"] == 33
+
+
 def test_small_first_spreads_chemistry(shared_data):
     items = [(s, g) for s, g in read_inputs(shared_data / "jarvis_structures.json.gz")
              if not isinstance(s, Failure)]
