@@ -339,7 +339,8 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
 @click.option("--structures", type=click.Path(exists=True),
               help="shortlist.csv (id, source), folder, file or JARVIS json(.gz).")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
-              help="Training set to write (.h5); finished work is kept in <out>.parts/.")
+              help="Training set to write (.h5); finished work is kept in <out>.parts/, "
+                   "and an existing file (with its .failures.csv) is resumed, not redone.")
 @click.option("--address", help="Ray cluster address; default: a local Ray.")
 @click.option("--workers", type=int, help="Calculations at once (default: one per Ray CPU).")
 @click.option("--timeout", type=float, default=600.0, show_default=True,
