@@ -45,7 +45,9 @@ LOST = "Ray task lost"  # the worker or node died: not the structure's fault, so
 TIMEOUT = 600.0
 _RECORD_ORIGIN = re.compile(r"^(?P<file>.+\.json(\.gz)?)\[(?P<index>\d+)\]$")
 _SETTINGS_FILE = "settings.json"
-_EXTRA_FLOATS = ("gpaw_gap", "vbm", "cbm", "e_fermi", "energy", "n_electrons", "wall_time")
+_EXTRA_FLOATS = {"gpaw_gap": "gap", "vbm": "vbm", "cbm": "cbm", "e_fermi": "e_fermi",
+                 "energy": "energy", "n_electrons": "n_electrons", "wall_time": "wall_time"}
+# training-set extra/<name> -> part key
 
 
 @dataclass
@@ -348,12 +350,15 @@ def _check_settings(parts: Path, settings: Settings) -> None:
     path = parts / _SETTINGS_FILE
     wanted = asdict(settings)
     if path.exists():
-        stored = json.loads(path.read_text())
-        if stored != wanted:
-            raise ValueError(f"{parts} was labelled with {stored}, not {wanted}: use another "
-                             "output or the same settings")
+        _refuse_other_settings(parts, json.loads(path.read_text()), wanted)
     else:
         path.write_text(json.dumps(wanted))
+
+
+def _refuse_other_settings(where: Path, stored: dict | None, wanted: dict) -> None:
+    if stored != wanted:
+        raise ValueError(f"{where} was labelled with {stored}, not {wanted}: use another output "
+                         "or the same settings")
 
 
 def _as_failure(part: dict) -> Failure:
@@ -394,24 +399,26 @@ def adopt_export(out: str | Path, settings: Settings) -> int:
     if not out.exists():
         return 0
     data = read_training_set(out, graphs=False)
-    if data.attrs.get("settings") != asdict(settings):
-        raise ValueError(f"{out} was labelled with {data.attrs.get('settings')}, not "
-                         f"{asdict(settings)}: use another output or the same settings")
+    _refuse_other_settings(out, data.attrs.get("settings"), asdict(settings))
     parts = parts_dir(out)
     _check_settings(parts, settings)
     have = {p["id"] for p in read_parts(parts)}
-    adopted = [p for p in [*_exported_parts(out, data), *_failed_parts(out)] if p["id"] not in have]
+    adopted = [p for p in _failed_parts(out) if p["id"] not in have]
+    if not have.issuperset(data.ids):
+        adopted += _exported_parts(out, data, have)
     for part in adopted:
         write_part(parts, part)
     return len(adopted)
 
 
-def _exported_parts(out: Path, data: TrainingSet) -> Iterator[dict]:
+def _exported_parts(out: Path, data: TrainingSet, skip: set[str]) -> Iterator[dict]:
+    """A part per structure of the file whose id is not in `skip`."""
     for i, structure in enumerate(read_structures(out)):
-        label = {k: data.extra[k][i].tolist() for k in (*_EXTRA_FLOATS, "kpts")}
-        label["gap"] = label.pop("gpaw_gap")
+        if structure.id in skip:
+            continue
+        label = {key: data.extra[name][i].tolist() for name, key in _EXTRA_FLOATS.items()}
         yield {**_structure_fields(structure), "status": "ok", "ref_gap": float(data.ref_gap[i]),
-               "dos": data.dos[i].tolist(), **label}
+               "dos": data.dos[i].tolist(), "kpts": data.extra["kpts"][i].tolist(), **label}
 
 
 def _failed_parts(out: Path) -> Iterator[dict]:
@@ -429,7 +436,7 @@ def _failures_path(out: Path) -> Path:
 
 def _extra(ok: list[dict]) -> dict[str, np.ndarray]:
     """Per-structure DFT results beside the DOS: eV, relative to the energy zero e_fermi."""
-    extra = {k: np.array([p["gap" if k == "gpaw_gap" else k] for p in ok]) for k in _EXTRA_FLOATS}
+    extra = {name: np.array([p[key] for p in ok]) for name, key in _EXTRA_FLOATS.items()}
     extra["kpts"] = np.array([p["kpts"] for p in ok], dtype=np.int64)
     return extra
 
