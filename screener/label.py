@@ -45,9 +45,9 @@ LOST = "Ray task lost"  # the worker or node died: not the structure's fault, so
 TIMEOUT = 600.0
 _RECORD_ORIGIN = re.compile(r"^(?P<file>.+\.json(\.gz)?)\[(?P<index>\d+)\]$")
 _SETTINGS_FILE = "settings.json"
+# training-set extra/<name> -> part key
 _EXTRA_FLOATS = {"gpaw_gap": "gap", "vbm": "vbm", "cbm": "cbm", "e_fermi": "e_fermi",
                  "energy": "energy", "n_electrons": "n_electrons", "wall_time": "wall_time"}
-# training-set extra/<name> -> part key
 
 
 @dataclass
