@@ -254,8 +254,10 @@ def evaluate_model(model_path, data_path, split, out_dir, batch_size, device, ga
     s, g = report["summary"], report["band_gap"]
     click.echo(f"{s['n']} structures, {split} split from the {report['split']['from']}: "
                f"MAE mean {s['mae_mean']:.4f} median {s['mae_median']:.4f}, baseline "
-               f"{s['baseline_mae_mean']:.4f} ({s['baseline_over_model']:.1f}x), "
+               f"{s['baseline_mae_mean']:.4f} ({s['baseline_over_model']:.2f}x), "
                f"MAE < 0.02: {s['share_mae_below_0.02']:.0%}, RE < 0.2: {s['share_re_below_0.2']:.0%}")
+    click.echo("baseline / model by energy window: " + ", ".join(
+        f"{window} {w['baseline_over_model']:.2f}" for window, w in report["by_energy"].items()))
     if g["n_known"]:
         click.echo(f"band gap from predicted DOS: MAE {g['gap_mae']:.3f} eV over {g['n_known']} "
                    f"known, confusion [ref metal, non-metal] x [pred metal, non-metal] {g['confusion']}")

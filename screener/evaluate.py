@@ -99,6 +99,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
         "band_gap": {"from_predicted_dos_threshold": GAP_THRESHOLD,
                      **(gaps if gaps["n_known"] else {"n_known": 0})},
         "gap_set": gap_set,
+        "by_energy": metrics.windowed_mae(pred, ref, baseline, ENERGY_GRID),
         "by_element": metrics.grouped_mae(mae, symbols),
         "by_crystal_system": metrics.grouped_mae(mae, [[s] for s in systems]) if systems else None,
         "figures": {name: FIGURES[name] for name in figures},
@@ -317,6 +318,9 @@ def report_html(report: dict) -> str:
         parts += ["<h2>Band gap from the predicted DOS, gap-set structures</h2>",
                   _table({k: v for k, v in gs.items() if not k.startswith("confusion")}),
                   _confusion_table(gs["confusion"])]
+    parts += ["<h2>MAE by energy window</h2>", _rows_table(
+        ["window", "bins", "mean MAE", "baseline", "baseline / model"],
+        [[k, *v.values()] for k, v in report["by_energy"].items()])]
     for title, key in (("MAE by element", "by_element"), ("MAE by crystal system", "by_crystal_system")):
         groups = report[key]
         if groups:

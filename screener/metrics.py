@@ -1,12 +1,14 @@
 """Evaluation metrics of predicted DOS spectra, as in the ALIGNN-DOS paper, on plain arrays."""
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 
 import numpy as np
 
 MAE_GOOD = 0.02
 RE_GOOD = 0.2
 METAL_BELOW_EV = 0.1
+ENERGY_WINDOWS = (-5.0, -3.0, -1.0, 0.0, 1.0, 3.0, 6.0, 10.0)
 
 
 def spectrum_mae(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -61,6 +63,22 @@ def grouped_mae(mae: np.ndarray, labels: Sequence[Iterable[str]]) -> dict[str, d
         label: {"n": len(values), "mae_mean": float(np.mean(values))}
         for label, values in sorted(members.items())
     }
+
+
+def windowed_mae(pred: np.ndarray, ref: np.ndarray, baseline: np.ndarray, energies: np.ndarray,
+                 edges: Sequence[float] = ENERGY_WINDOWS) -> dict[str, dict[str, float]]:
+    """Model and baseline MAE over the bins of each energy window [lo, hi): where on the
+    axis a model gains over the mean spectrum, which one overall ratio hides."""
+    model_err = np.abs(np.asarray(pred, np.float64) - np.asarray(ref, np.float64))
+    base_err = np.abs(np.asarray(baseline, np.float64) - np.asarray(ref, np.float64))
+    windows = {}
+    for lo, hi in pairwise(edges):
+        bins = (energies >= lo) & (energies < hi)
+        model, base = float(model_err[:, bins].mean()), float(base_err[:, bins].mean())
+        windows[f"{lo:g} to {hi:g} eV"] = {
+            "bins": int(bins.sum()), "mae_mean": model, "baseline_mae_mean": base,
+            "baseline_over_model": base / model if model > 0 else float("inf")}
+    return windows
 
 
 def gap_metrics(

@@ -58,9 +58,15 @@ def test_report_on_all_structures(tmp_path, shared_data, model):
     assert saved["summary"]["n"] == saved["split"]["n"] == 10
     assert saved["band_gap"]["n_known"] == 2
     assert sum(map(sum, saved["band_gap"]["confusion"])) == 2
+    windows = saved["by_energy"].values()
+    assert sum(w["bins"] for w in windows) == 300
+    for key in ("mae_mean", "baseline_mae_mean"):
+        whole = sum(w["bins"] * w[key] for w in windows) / 300
+        assert whole == pytest.approx(saved["summary"][key], rel=1e-6)
     assert saved["by_element"]["Na"]["n"] == 2
     assert saved["by_crystal_system"]["cubic"]["n"] >= 2
     page = (out / "index.html").read_text()
+    assert "MAE by energy window" in page
     assert all(f"src='{file}'" in page for file in FIGURES.values())
 
 
@@ -75,6 +81,7 @@ def test_cli_without_reference_gaps(tmp_path, shared_data, model):
     assert result.exit_code == 0, result.output
     assert "no reference band gaps among these structures" in result.output
     assert "ignored: the model was trained without a gap set" in result.output
+    assert "baseline / model by energy window: -5 to -3 eV " in result.output
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["split"] == {"name": "test", "from": "data file", "n": 2}
     assert "gap_parity" not in saved["figures"]

@@ -11,6 +11,7 @@ from screener.metrics import (
     relative_error,
     spectrum_mae,
     summarize,
+    windowed_mae,
 )
 
 
@@ -65,6 +66,20 @@ def test_grouped_mae_counts_each_label_once_per_structure():
     assert groups["Al"] == {"n": 1, "mae_mean": pytest.approx(0.01)}
     assert groups["Fe"] == {"n": 1, "mae_mean": pytest.approx(0.02)}
     assert groups["O"] == {"n": 2, "mae_mean": pytest.approx(0.02)}
+
+
+def test_windowed_mae_splits_the_axis_at_the_edges():
+    energies = np.array([-2.0, -1.0, 0.0, 0.5])
+    ref = np.zeros((2, 4))
+    pred = np.array([[0.1, 0.3, 0.2, 0.4], [0.1, 0.1, 0.0, 0.0]])
+    baseline = np.array([0.2, 0.2, 0.4, 0.4])
+    w = windowed_mae(pred, ref, baseline, energies, edges=(-2.0, 0.0, 1.0))
+    assert list(w) == ["-2 to 0 eV", "0 to 1 eV"]
+    assert w["-2 to 0 eV"] == {"bins": 2, "mae_mean": pytest.approx(0.15),
+                               "baseline_mae_mean": pytest.approx(0.2),
+                               "baseline_over_model": pytest.approx(0.2 / 0.15)}
+    assert w["0 to 1 eV"]["mae_mean"] == pytest.approx(0.15)
+    assert w["0 to 1 eV"]["baseline_over_model"] == pytest.approx(0.4 / 0.15)
 
 
 def test_gap_metrics():
