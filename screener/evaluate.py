@@ -320,7 +320,8 @@ def report_html(report: dict) -> str:
                   _confusion_table(gs["confusion"])]
     parts += ["<h2>MAE by energy window</h2>", _rows_table(
         ["window", "bins", "mean MAE", "baseline", "baseline / model"],
-        [[k, *v.values()] for k, v in report["by_energy"].items()])]
+        [[k, v["bins"], v["mae_mean"], v["baseline_mae_mean"], v["baseline_over_model"]]
+         for k, v in report["by_energy"].items()])]
     for title, key in (("MAE by element", "by_element"), ("MAE by crystal system", "by_crystal_system")):
         groups = report[key]
         if groups:

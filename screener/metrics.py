@@ -44,7 +44,7 @@ def summarize(mae: np.ndarray, re: np.ndarray, baseline_mae: np.ndarray) -> dict
         "mae_q25": float(q25),
         "mae_q75": float(q75),
         "baseline_mae_mean": baseline_mean,
-        "baseline_over_model": baseline_mean / mae_mean if mae_mean > 0 else float("inf"),
+        "baseline_over_model": _gain(baseline_mean, mae_mean),
         "share_mae_below_0.02": float(np.mean(mae < MAE_GOOD)),
         "re_mean": float(finite_re.mean()) if finite_re.size else float("nan"),
         "re_median": float(np.median(finite_re)) if finite_re.size else float("nan"),
@@ -77,8 +77,13 @@ def windowed_mae(pred: np.ndarray, ref: np.ndarray, baseline: np.ndarray, energi
         model, base = float(model_err[:, bins].mean()), float(base_err[:, bins].mean())
         windows[f"{lo:g} to {hi:g} eV"] = {
             "bins": int(bins.sum()), "mae_mean": model, "baseline_mae_mean": base,
-            "baseline_over_model": base / model if model > 0 else float("inf")}
+            "baseline_over_model": _gain(base, model)}
     return windows
+
+
+def _gain(baseline_mae: float, model_mae: float) -> float:
+    """How many times the model's MAE fits into the baseline's; inf for a perfect model."""
+    return baseline_mae / model_mae if model_mae > 0 else float("inf")
 
 
 def gap_metrics(
