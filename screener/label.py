@@ -243,7 +243,9 @@ def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Setti
     """Keep `workers` tasks in flight (one CPU each) and record each result as it arrives.
 
     A task that Ray itself loses (its worker or node died) becomes that structure's failure, for
-    this run only: the next run tries it again.
+    this run only: the next run tries it again. When the driver's own raylet dies, no task can
+    start any more: the calculations already running are still collected, then the run stops
+    with an error instead of marking every queued structure lost.
     """
     from screener.pipeline import connect
 
@@ -252,6 +254,7 @@ def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Setti
     logs = str(parts / "logs")
     queue = iter(todo)
     in_flight = {}
+    raylet_died = None
     for item in itertools.islice(queue, slots):
         in_flight[label_task.remote(*item, settings, timeout, logs)] = item
     while in_flight:
@@ -259,11 +262,17 @@ def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Setti
         structure, ref_gap = in_flight.pop(ready)
         try:
             record(ray.get(ready))
+        except ray.exceptions.LocalRayletDiedError as error:
+            raylet_died = error
         except ray.exceptions.RayError as error:
             failure = Failure(structure.id, structure.source, STAGE, f"{LOST}: {error}")
             record(_failure_part(failure, ref_gap, 0.0, structure))
-        for item in itertools.islice(queue, 1):
-            in_flight[label_task.remote(*item, settings, timeout, logs)] = item
+        if raylet_died is None:
+            for item in itertools.islice(queue, 1):
+                in_flight[label_task.remote(*item, settings, timeout, logs)] = item
+    if raylet_died is not None:
+        raise ScreenerError(f"this machine's Ray node stopped ({raylet_died}); every finished "
+                            f"structure is kept in {parts}/ and a rerun labels the rest")
 
 
 @ray.remote(num_cpus=1, max_retries=0)

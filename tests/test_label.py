@@ -3,8 +3,13 @@ import csv
 import gzip
 import json
 import math
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +29,7 @@ from screener.label import (
     parts_dir,
     read_inputs,
     read_part,
+    read_parts,
     select,
     small_first,
     write_part,
@@ -175,6 +181,52 @@ def test_a_lost_task_is_tried_again_by_the_next_run(inputs, tmp_path, ray_local)
     summary = label(inputs, out, FAST, workers=1, timeout=300, limit=2, progress=False)
     assert (summary.n_already, summary.n_labelled) == (0, 1)  # and the bad record, failed
     assert read_part(parts_dir(out), CELLS[0])["status"] == "ok"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_when_its_raylet_dies_the_run_stops_and_keeps_its_finished_work(inputs, tmp_path):
+    """The queue is not marked lost: the run in flight is collected, the rest waits for a rerun."""
+    pytest.importorskip("gpaw")
+    out = tmp_path / "died.h5"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.Popen([sys.executable, "-m", "screener.cli", "label", "--structures",
+                            str(inputs), "-o", str(out), "--workers", "1", "--limit", "3",
+                            "--kpt-density", "1.0", "--quiet"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (parts_dir(out) / "logs").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [raylet] = [pid for pid in _descendants(run.pid) if _process_name(pid) == "raylet"]
+    os.kill(raylet, signal.SIGKILL)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 1 and "Ray node stopped" in stderr, stderr[-2000:]
+    parts = [(p["id"], p["status"]) for p in read_parts(parts_dir(out))]
+    assert parts == [(CELLS[0], "ok"), ("overlapping-atoms", "failed")]
 
 
 @pytest.mark.dft
