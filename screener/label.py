@@ -254,7 +254,7 @@ def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Setti
     logs = str(parts / "logs")
     queue = iter(todo)
     in_flight = {}
-    raylet_died = None
+    raylet_died: ray.exceptions.LocalRayletDiedError | None = None
     for item in itertools.islice(queue, slots):
         in_flight[label_task.remote(*item, settings, timeout, logs)] = item
     while in_flight:
