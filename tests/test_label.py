@@ -218,12 +218,16 @@ def test_when_its_raylet_dies_the_run_stops_and_keeps_its_finished_work(inputs, 
                             str(inputs), "-o", str(out), "--workers", "1", "--limit", "3",
                             "--kpt-density", "1.0", "--quiet"],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (parts_dir(out) / "logs").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    [raylet] = [pid for pid in _descendants(run.pid) if _process_name(pid) == "raylet"]
-    os.kill(raylet, signal.SIGKILL)
-    _, stderr = run.communicate(timeout=300)
+    try:
+        deadline = time.monotonic() + 120
+        while not (parts_dir(out) / "logs").exists() and time.monotonic() < deadline:
+            assert run.poll() is None, run.communicate()[1][-2000:]
+            time.sleep(0.2)
+        [raylet] = [pid for pid in _descendants(run.pid) if _process_name(pid) == "raylet"]
+        os.kill(raylet, signal.SIGKILL)
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        run.kill()
     assert run.returncode == 1 and "Ray node stopped" in stderr, stderr[-2000:]
     parts = [(p["id"], p["status"]) for p in read_parts(parts_dir(out))]
     assert parts == [(CELLS[0], "ok"), ("overlapping-atoms", "failed")]
