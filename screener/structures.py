@@ -25,6 +25,7 @@ MIN_DISTANCE = 0.5
 MIN_VOLUME_PER_ATOM = 1e-3
 MAX_LENGTH = 1e4
 MAX_OBLIQUITY = 30.0
+MAX_IMAGE_POINTS = 5_000_000  # periodic images x atoms for the closest-pair check: ~0.5 GB
 FILE_TYPES = "POSCAR*, CONTCAR*, *.vasp, *.poscar, *.cif, *.xyz, *.extxyz, *.json, *.json.gz"
 
 _ID_PREFIX = re.compile(r"^(POSCAR|CONTCAR)[-_]")
@@ -482,10 +483,13 @@ def _structure(source: Source, lattice: np.ndarray, positions: np.ndarray,
     if volume < MIN_VOLUME_PER_ATOM * n_atoms:
         raise _Problem("validate", f"cell volume {volume:.3g} A^3 is too small for {n_atoms} atoms "
                                    f"(minimum {MIN_VOLUME_PER_ATOM} A^3 per atom)")
-    i, j, distance = _closest_pair(lattice, positions)
-    if distance < MIN_DISTANCE:
-        raise _Problem("validate", _closeness(i, j, distance, symbols))
+    pair = _closest_pair(lattice, positions)
+    if pair is not None and pair[2] < MIN_DISTANCE:
+        raise _Problem("validate", _closeness(*pair, symbols))
     problem = _cell_shape_problem(lattice, volume)
+    if problem is None and pair is None:
+        problem = (f"the cell is too thin to check its {MIN_DISTANCE} A atom spacing within "
+                   f"{MAX_IMAGE_POINTS:.0e} periodic image points: use a reduced (Niggli) cell")
     if problem:
         raise _Problem("validate", problem)
     return Structure(source.id, source.origin, np.ascontiguousarray(lattice),
@@ -536,11 +540,13 @@ def _element_tables() -> tuple[dict[str, int], dict[int, str], dict[int, float]]
             {int(data["Z"]): float(data["X"]) for data in chem_data.values()})
 
 
-def _closest_pair(lattice: np.ndarray, positions: np.ndarray) -> tuple[int, int, float]:
+def _closest_pair(lattice: np.ndarray, positions: np.ndarray) -> tuple[int, int, float] | None:
     """Closest periodic pair (i, j, distance), i == j for an atom and its own image, searched
     only up to MIN_DISTANCE (distance inf beyond). Each axis gets as many images as its plane
     spacing requires; a cell that would need more than the neighbouring ones is reduced first,
-    which keeps the image count small and exposes a too short lattice vector directly."""
+    which keeps the image count small and exposes a too short lattice vector directly. None
+    where even the reduced cell needs more than MAX_IMAGE_POINTS: a nearly flat lattice, whose
+    search would take gigabytes."""
     from scipy.spatial import cKDTree
 
     cell, inverse = lattice, np.linalg.inv(lattice)
@@ -550,10 +556,13 @@ def _closest_pair(lattice: np.ndarray, positions: np.ndarray) -> tuple[int, int,
         lengths = np.linalg.norm(cell, axis=1)
         if lengths.min() < MIN_DISTANCE:
             return 0, 0, float(lengths.min())
+    reach = _reach(inverse)
+    n_atoms = len(positions)
+    if np.prod(2.0 * reach + 1) * n_atoms > MAX_IMAGE_POINTS:
+        return None
     fractional = positions @ inverse
     inside = (fractional - np.floor(fractional)) @ cell
-    shifts = _image_shifts(tuple(_reach(inverse))) @ cell
-    n_atoms = len(positions)
+    shifts = _image_shifts(tuple(reach)) @ cell
     images = (shifts[:, None, :] + inside[None, :, :]).reshape(-1, 3)
     distances, found = cKDTree(images).query(inside, k=2, distance_upper_bound=MIN_DISTANCE)
     itself = found[:, 0] == (len(shifts) // 2) * n_atoms + np.arange(n_atoms)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from screener import structures
 from screener.structures import (
     MAX_ATOMS,
     Failure,
@@ -333,6 +334,17 @@ def test_broken_input_gives_one_precise_failure(tmp_path, sic_lines, sic_cif, ca
     assert isinstance(failure, Failure), failure
     assert failure.stage == stage
     assert reason in failure.reason
+
+
+def test_a_cell_needing_too_many_periodic_images_is_refused_not_searched(tmp_path, monkeypatch):
+    """A fuzzer's basis once needed ~10^9 image points for the 0.5 A spacing check (20 GB): past
+    MAX_IMAGE_POINTS the check gives up and the cell is refused. Lowered here so that a plain
+    3 A cell (27 images) crosses it."""
+    monkeypatch.setattr(structures, "MAX_IMAGE_POINTS", 10)
+    path = tmp_path / "cubic.vasp"
+    path.write_text("t\n1\n3 0 0\n0 3 0\n0 0 3\nSi\n1\nd\n0 0 0\n")
+    (failure,) = load_all(path)
+    assert isinstance(failure, Failure) and "too thin to check" in failure.reason, failure
 
 
 def test_discover_mixed_folder_yields_every_file_once(tmp_path, shared_data):
