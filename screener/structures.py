@@ -545,8 +545,8 @@ def _closest_pair(lattice: np.ndarray, positions: np.ndarray) -> tuple[int, int,
     only up to MIN_DISTANCE (distance inf beyond). Each axis gets as many images as its plane
     spacing requires; a cell that would need more than the neighbouring ones is reduced first,
     which keeps the image count small and exposes a too short lattice vector directly. None
-    where even the reduced cell needs more than MAX_IMAGE_POINTS: a nearly flat lattice, whose
-    search would take gigabytes."""
+    where even the reduced cell needs more than MAX_IMAGE_POINTS: a basis that the reduction
+    (100 rounds, in floating point) leaves thin, whose search would take gigabytes."""
     from scipy.spatial import cKDTree
 
     cell, inverse = lattice, np.linalg.inv(lattice)

@@ -337,7 +337,7 @@ def test_broken_input_gives_one_precise_failure(tmp_path, sic_lines, sic_cif, ca
 
 
 def test_a_cell_needing_too_many_periodic_images_is_refused_not_searched(tmp_path, monkeypatch):
-    """A fuzzer's basis once needed ~10^9 image points for the 0.5 A spacing check (20 GB): past
+    """A fuzzer's basis once drove the 0.5 A spacing check to 20 GB of periodic images: past
     MAX_IMAGE_POINTS the check gives up and the cell is refused. Lowered here so that a plain
     3 A cell (27 images) crosses it."""
     monkeypatch.setattr(structures, "MAX_IMAGE_POINTS", 10)
