@@ -21,10 +21,18 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct unused ports. The sockets are held until all are bound: a port released by
+    one probe can come back from the next (CI once gave one node's agent and metrics ports the
+    same number)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -36,10 +44,11 @@ class Cluster:
     node2_id: str
 
 
-def start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def start_node(args: list[str], env: dict[str, str], log: Path, agent_port: int,
+               metrics_port: int) -> subprocess.Popen:
     """`ray start --block` in its own process group, so that the test stops exactly this node.
-    Every port is chosen here: the defaults would collide with other clusters on the machine."""
-    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    Every port is given: the defaults would collide with other clusters on the machine."""
+    ports = [f"--dashboard-agent-listen-port={agent_port}", f"--metrics-export-port={metrics_port}"]
     with log.open("w") as out:
         proc = subprocess.Popen(["ray", "start", "--block", "--disable-usage-stats", *ports, *args],
                                 env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -67,18 +76,19 @@ def cluster(tmp_path_factory):
     explicit, and RAY_AUTH_TOKEN carries one fresh token to both nodes and to every client."""
     logs = tmp_path_factory.mktemp("cluster")
     tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # Ray's socket paths: < 108 bytes
+    gcs, dashboard, client, dashboard_metrics, *node_ports = free_ports(8)
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-               DASHBOARD_METRIC_PORT=str(free_port()))
-    gcs, dashboard = free_port(), free_port()
+               DASHBOARD_METRIC_PORT=str(dashboard_metrics))
     head = start_node(["--head", f"--port={gcs}", "--num-cpus=2", f"--temp-dir={tmp / 'head'}",
                        "--include-dashboard=true", f"--dashboard-port={dashboard}",
-                       f"--ray-client-server-port={free_port()}"], env, logs / "head.log")
+                       f"--ray-client-server-port={client}"], env, logs / "head.log",
+                      *node_ports[:2])
     node2 = None
     try:
         node2 = start_node([f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
                             '--resources={"node2": 1}', f"--temp-dir={tmp / 'node2'}"],
-                           env, logs / "node2.log")
+                           env, logs / "node2.log", *node_ports[2:])
         url = f"http://127.0.0.1:{dashboard}"
         nodes = json.loads(ray_cli("list", "nodes", "--address", url, "--format", "json",
                                    env=env).stdout)
