@@ -13,6 +13,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,25 +251,36 @@ def default_model() -> Path:
 
 def run(opts: RunOptions, on_progress: Progress | None = None) -> Summary:
     """Screen every structure under `opts.structures`; resumable, see the module docstring."""
-    from screener.model import checkpoint_info
-
     t_start = time.perf_counter()
     out = Path(opts.out_dir)
     for kind in store.KINDS:
         (out / kind).mkdir(parents=True, exist_ok=True)
-    model_info = checkpoint_info(opts.model)
+    model_info, ray_seconds = _checkpoint_while_connecting(opts.model, opts.address)
     attrs = {"model_id": model_info["model_id"], "model_hash": model_info["hash"]}
     config = {"model_hash": model_info["hash"], "input": str(Path(opts.structures).resolve()),
               "shard_size": opts.shard_size, "max_atoms": opts.max_atoms}
     manifest = store.Manifest.open(out, config)
-
-    t0 = time.perf_counter()
-    connect(opts.address)
-    summary = Summary(stage_seconds={"ray_start": time.perf_counter() - t0})
+    summary = Summary(stage_seconds={"ray_start": ray_seconds})
     driver = _Driver(opts, manifest, attrs, summary, on_progress or (lambda stage, n: None))
     driver.drive(chunks(discover(opts.structures), opts.shard_size))
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _checkpoint_while_connecting(model: Path, address: str | None) -> tuple[dict, float]:
+    """The model's checkpoint meta, and the seconds Ray took to start.
+
+    Reading the checkpoint imports torch (about a second); a thread does it while Ray starts its
+    processes, which leaves the main thread, where `ray.init` must run, mostly waiting.
+    """
+    from screener.model import checkpoint_info
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        info = pool.submit(checkpoint_info, model)
+        t0 = time.perf_counter()
+        connect(address)
+        seconds = time.perf_counter() - t0
+        return info.result(), seconds
 
 
 class _Driver:

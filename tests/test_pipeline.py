@@ -14,6 +14,7 @@ from conftest import all_ids, complete_ids, screen_cmd
 
 from screener import store
 from screener.cli import main
+from screener.model import CheckpointError
 from screener.pipeline import RunOptions, run
 
 
@@ -28,6 +29,14 @@ def test_poscar_folder_completes_exactly_once(ray_local, shared_data, tiny_model
     assert np.all(preds["dos"] >= 0) and np.all(np.isfinite(preds["band_gap"]))
     again = run(RunOptions(str(shared_data / "poscar"), out, tiny_model, shard_size=64, workers=1))
     assert again.n_skipped_shards == 4 and sorted(all_ids(out)) == sorted(ids)
+
+
+def test_unreadable_model_fails_naming_it_and_writes_no_results(ray_local, shared_data, tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=str(bad)):
+        run(RunOptions(str(shared_data / "poscar"), tmp_path / "r", bad))
+    assert not (tmp_path / "r" / store.MANIFEST).exists()
 
 
 def broken_folder(shared_data: Path, root: Path) -> dict[str, str]:
