@@ -39,7 +39,7 @@ import torch
 from screener import store
 from screener.graphs import build_graphs, collate
 from screener.model import load_checkpoint, to_tensors
-from screener.pipeline import RunOptions, chunked, default_model
+from screener.pipeline import RunOptions, chunked, shipped_model
 from screener.predict import predict_dos, spectral_columns
 from screener.structures import Failure, Source, discover, load
 
@@ -207,7 +207,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     load_before, t0 = os.getloadavg()[0], time.perf_counter()
-    model, meta = load_checkpoint(args.model or default_model())
+    model, meta = load_checkpoint(args.model or shipped_model())
     attrs = {"model_id": meta["model_id"], "model_hash": meta["hash"]}
     with tempfile.TemporaryDirectory() as tmp:
         runs = [measure(pick(DATA / name, args.limit, args.seed), model, attrs, Path(tmp) / name)

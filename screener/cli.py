@@ -33,11 +33,25 @@ def parse_window(_ctx, _param, value: str | None) -> tuple[float, float] | None:
         raise click.BadParameter(f"expected LO:HI such as 1.4:1.6, got {value!r}") from None
 
 
+def model_path(_ctx, _param, value: str | None) -> Path:
+    """--model: a checkpoint file, or a shipped model's name (D-ALIGNN when not given)."""
+    from screener.pipeline import SHIPPED_MODELS, shipped_model
+
+    if value is None or value in SHIPPED_MODELS:
+        return shipped_model(value or "d-alignn")
+    if not Path(value).is_file():
+        raise click.BadParameter(f"{value!r} is neither a checkpoint file nor a shipped model "
+                                 f"({', '.join(SHIPPED_MODELS)})")
+    return Path(value)
+
+
 @main.command()
 @click.option("--structures", required=True, type=click.Path(exists=True), help="Folder, file or JARVIS json(.gz).")
 @click.option("--bandgap", callback=parse_window, help="Shortlist window in eV, LO:HI.")
 @click.option("-o", "--out", "out_dir", default="results", show_default=True, type=click.Path())
-@click.option("--model", type=click.Path(exists=True), help="Checkpoint; default: the shipped model.")
+@click.option("--model", callback=model_path, metavar="PATH|NAME",
+              help="Checkpoint file, or a shipped model: d-alignn (the default; closer spectra) or "
+                   "ae-alignn (closer band gaps); see screener/data/MODEL_CARD.md.")
 @click.option("--address", help="Ray cluster address ('auto', 'ray://host:10001'); default: a local Ray.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", type=int, help="Prediction actors (default: one per GPU, else CPUs/2).")
@@ -63,7 +77,7 @@ def run(structures, bandgap, out_dir, model, address, device, workers, batch_siz
                                    "give --bandgap")
         require_gpaw()
     opts = pipeline.RunOptions(
-        structures=structures, out_dir=out_dir, model=model or pipeline.default_model(),
+        structures=structures, out_dir=out_dir, model=model,
         address=address, device=device, workers=workers, batch_size=batch_size, shard_size=shard_size,
     )
     with progress_printer(disable=quiet) as on_progress:

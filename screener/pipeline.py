@@ -241,11 +241,15 @@ def predictor_resources(device: str, workers: int | None) -> tuple[int, dict, in
     return n, {"num_cpus": max(1, cpus // (2 * n))}, max(1, cpus // n)
 
 
-def default_model() -> Path:
-    """The trained model shipped inside the package."""
-    path = Path(__file__).parent / "data" / "default_model.pt"
+SHIPPED_MODELS = {"d-alignn": "default_model.pt", "ae-alignn": "ae_model.pt"}
+
+
+def shipped_model(name: str = "d-alignn") -> Path:
+    """A trained model shipped inside the package. D-ALIGNN, the default, has the closer spectra;
+    AE-ALIGNN the closer band gaps (see the model card), so it is there for gap screens."""
+    path = Path(__file__).parent / "data" / SHIPPED_MODELS[name]
     if not path.exists():
-        raise FileNotFoundError(f"no shipped default model at {path}: pass --model PATH")
+        raise FileNotFoundError(f"no shipped {name} model at {path}: pass --model PATH")
     return path
 
 

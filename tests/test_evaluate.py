@@ -125,10 +125,10 @@ def test_binary_gap_matrix():
 def test_the_shipped_model_scores_its_gap_set_from_a_file_given_here(tmp_path, shared_data):
     """The checkpoint names the gap file where it was trained; --gaps points to a copy here,
     accepted only when its sha256 is the one the model trained with."""
-    from screener.pipeline import default_model
+    from screener.pipeline import shipped_model
 
     labels = Path(__file__).resolve().parents[1] / "data" / "gpaw_labels.h5"
-    args = ["evaluate", "--model", str(default_model()), "--data", str(labels), "--split", "test"]
+    args = ["evaluate", "--model", str(shipped_model()), "--data", str(labels), "--split", "test"]
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a"),
                                        "--gaps", str(shared_data / "jarvis_structures.json.gz")])
     assert result.exit_code == 0, result.output

@@ -11,7 +11,7 @@ import torch
 
 from screener import store
 from screener.dos import E_STEP
-from screener.pipeline import RunOptions, default_model, run
+from screener.pipeline import RunOptions, run, shipped_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -28,8 +28,8 @@ def test_gpu_actors_predict_what_cpu_actors_predict(ray_local, shared_data, tmp_
     """The shipped model on the 201 POSCARs: same ids, spectra within fp32 noise, same gaps."""
     assert ray_local.cluster_resources().get("GPU", 0) >= 1
     poscars = str(shared_data / "poscar")
-    gpu = run(RunOptions(poscars, tmp_path / "gpu", default_model(), device="cuda"))
-    cpu = run(RunOptions(poscars, tmp_path / "cpu", default_model(), device="cpu", workers=1))
+    gpu = run(RunOptions(poscars, tmp_path / "gpu", shipped_model(), device="cuda"))
+    cpu = run(RunOptions(poscars, tmp_path / "cpu", shipped_model(), device="cpu", workers=1))
     assert gpu.n_predicted == cpu.n_predicted == 201
     on_gpu, on_cpu = by_id(tmp_path / "gpu"), by_id(tmp_path / "cpu")
     assert list(on_gpu["ids"]) == list(on_cpu["ids"])
