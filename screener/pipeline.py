@@ -274,17 +274,21 @@ def run(opts: RunOptions, on_progress: Progress | None = None) -> Summary:
 def _checkpoint_while_connecting(model: Path, address: str | None) -> tuple[dict, float]:
     """The model's checkpoint meta, and the seconds Ray took to start.
 
-    Reading the checkpoint imports torch (about a second); a thread does it while Ray starts its
-    processes, which leaves the main thread, where `ray.init` must run, mostly waiting.
+    Reading the checkpoint imports torch (about a second); a thread does both while Ray starts
+    its processes, which leaves the main thread, where `ray.init` must run, mostly waiting.
     """
-    from screener.model import checkpoint_info
-
     with ThreadPoolExecutor(max_workers=1) as pool:
-        info = pool.submit(checkpoint_info, model)
+        info = pool.submit(_checkpoint_info, model)
         t0 = time.perf_counter()
         connect(address)
         seconds = time.perf_counter() - t0
         return info.result(), seconds
+
+
+def _checkpoint_info(model: Path) -> dict:
+    from screener.model import checkpoint_info
+
+    return checkpoint_info(model)
 
 
 class _Driver:
