@@ -274,8 +274,8 @@ def run(opts: RunOptions, on_progress: Progress | None = None) -> Summary:
 def _checkpoint_while_connecting(model: Path, address: str | None) -> tuple[dict, float]:
     """The model's checkpoint meta, and the seconds Ray took to start.
 
-    Reading the checkpoint imports torch (about a second); a thread does both while Ray starts
-    its processes, which leaves the main thread, where `ray.init` must run, mostly waiting.
+    Reading the checkpoint imports torch (0.75 s here); a thread does both while Ray starts its
+    processes, which leaves the main thread, where `ray.init` must run, mostly waiting.
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
         info = pool.submit(_checkpoint_info, model)
@@ -286,6 +286,7 @@ def _checkpoint_while_connecting(model: Path, address: str | None) -> tuple[dict
 
 
 def _checkpoint_info(model: Path) -> dict:
+    """`checkpoint_info`, imported here so that torch loads on the thread that calls this."""
     from screener.model import checkpoint_info
 
     return checkpoint_info(model)
