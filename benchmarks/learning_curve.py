@@ -62,7 +62,7 @@ def run(data: Path, recipe: dict, fraction: float, out: Path, gaps, hold_out) ->
     path, n_train = subset_file(data, fraction, out)
     metrics = train.train(path, run_dir, gaps=gaps, hold_out=hold_out,
                           **{k: v for k, v in recipe.items() if v is not None})
-    report = evaluate(run_dir, path, "test", run_dir / "report", gap_file=gaps)
+    report = evaluate(run_dir / "model.pt", path, "test", run_dir / "report", gap_file=gaps)
     summary = report["summary"]
     return {"fraction": fraction, "n_train": int(n_train),
             "best_epoch": metrics["best_epoch"], "val_mae": metrics["val_mae"],

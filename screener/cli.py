@@ -34,24 +34,31 @@ def parse_window(_ctx, _param, value: str | None) -> tuple[float, float] | None:
 
 
 def model_path(_ctx, _param, value: str | None) -> Path:
-    """--model: a checkpoint file, or a shipped model's name (D-ALIGNN when not given)."""
+    """--model: a checkpoint file, a `screen train` run folder holding model.pt, or a shipped
+    model's name (D-ALIGNN when not given); one rule for every command that loads a model."""
     from screener.pipeline import SHIPPED_MODELS, shipped_model
 
     if value is None or value in SHIPPED_MODELS:
         return shipped_model(value or "d-alignn")
-    if not Path(value).is_file():
-        raise click.BadParameter(f"{value!r} is neither a checkpoint file nor a shipped model "
-                                 f"({', '.join(SHIPPED_MODELS)})")
-    return Path(value)
+    path = Path(value)
+    if path.is_dir() and (path / "model.pt").is_file():
+        return path / "model.pt"
+    if not path.is_file():
+        raise click.BadParameter(f"{value!r} is neither a checkpoint file, a run folder holding "
+                                 f"model.pt, nor a shipped model ({', '.join(SHIPPED_MODELS)})")
+    return path
+
+
+MODEL_HELP = ("Checkpoint file, `screen train` run folder, or a shipped model: d-alignn (the "
+              "default; closer spectra) or ae-alignn (closer band gaps); see "
+              "screener/data/MODEL_CARD.md.")
 
 
 @main.command()
 @click.option("--structures", required=True, type=click.Path(exists=True), help="Folder, file or JARVIS json(.gz).")
 @click.option("--bandgap", callback=parse_window, help="Shortlist window in eV, LO:HI.")
 @click.option("-o", "--out", "out_dir", default="results", show_default=True, type=click.Path())
-@click.option("--model", callback=model_path, metavar="PATH|NAME",
-              help="Checkpoint file, or a shipped model: d-alignn (the default; closer spectra) or "
-                   "ae-alignn (closer band gaps); see screener/data/MODEL_CARD.md.")
+@click.option("--model", callback=model_path, metavar="PATH|NAME", help=MODEL_HELP)
 @click.option("--address", help="Ray cluster address ('auto', 'ray://host:10001'); default: a local Ray.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", type=int, help="Prediction actors (default: one per GPU, else CPUs/2).")
@@ -247,8 +254,7 @@ def _write_training_set(labelled, out: str, seed: int, ref_gaps: str | None) -> 
 
 
 @main.command("evaluate")
-@click.option("--model", "model_path", required=True, type=click.Path(exists=True),
-              help="Checkpoint, or a `screen train` run folder holding model.pt.")
+@click.option("--model", "model_path", callback=model_path, metavar="PATH|NAME", help=MODEL_HELP)
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Training set (.h5) from `screen data`.")
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test",

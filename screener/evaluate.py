@@ -51,15 +51,12 @@ def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
              gap_file: str | Path | None = None) -> dict:
     """Predict one split, score it and write figures, metrics.json and index.html to `out_dir`.
 
-    `model_path` is a checkpoint or a `screen train` run folder holding model.pt. `gap_file`: the
-    model's gap-set file where it lies elsewhere than on the machine that trained it. Returns
-    the report that metrics.json holds.
+    `model_path` is a checkpoint file. `gap_file`: the model's gap-set file where it lies
+    elsewhere than on the machine that trained it. Returns the report that metrics.json holds.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_path = Path(model_path)
-    model, meta = load_checkpoint(model_path / "model.pt" if model_path.is_dir() else model_path,
-                                  device)
+    model, meta = load_checkpoint(model_path, device)
     if not np.allclose(meta["energy_grid"], ENERGY_GRID):
         raise ValueError(f"{model_path} predicts on another energy grid than the data's "
                          f"({ENERGY_GRID[0]:.2f} ... {ENERGY_GRID[-1]:.2f} eV, 300 bins)")

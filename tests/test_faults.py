@@ -165,21 +165,28 @@ def test_shards_of_another_model_or_schema_are_refused(ray_local, small_folder, 
         assert f"schema version 0, this screener reads version {store.MANIFEST_VERSION}" in result.output
 
 
-def test_model_is_a_shipped_name_or_a_file(ray_local, small_folder, tmp_path):
+def test_model_is_a_shipped_name_a_file_or_a_run_folder(ray_local, small_folder, tiny_model,
+                                                         tmp_path):
     from screener.model import checkpoint_info
     from screener.pipeline import shipped_model
 
-    out = tmp_path / "ae"
-    cli = ["run", "--structures", str(small_folder), "-o", str(out), "--quiet", "--workers", "1"]
-    result = CliRunner().invoke(main, [*cli, "--model", "ae-alignn"])
-    assert result.exit_code == 0, result.output
-    ae = checkpoint_info(shipped_model("ae-alignn"))
-    assert ae["arch"] == "ae-alignn"
-    assert len(store.read_predictions(out, verify=True, model_hash=ae["hash"])["ids"]) == N_SMALL
+    run_folder = tmp_path / "train_run"
+    run_folder.mkdir()
+    shutil.copy(tiny_model, run_folder / "model.pt")
+    for name, model in [("ae-alignn", shipped_model("ae-alignn")), (str(run_folder), tiny_model)]:
+        out = tmp_path / f"out_{len(name)}"
+        result = CliRunner().invoke(main, ["run", "--structures", str(small_folder), "-o", str(out),
+                                           "--quiet", "--workers", "1", "--model", name])
+        assert result.exit_code == 0, result.output
+        model_hash = checkpoint_info(model)["hash"]
+        assert len(store.read_predictions(out, verify=True, model_hash=model_hash)["ids"]) == N_SMALL
+    assert checkpoint_info(shipped_model("ae-alignn"))["arch"] == "ae-alignn"
 
-    result = CliRunner().invoke(main, [*cli, "--model", "ae"])
-    assert result.exit_code == 2
-    assert "'ae' is neither a checkpoint file nor a shipped model (d-alignn, ae-alignn)" in result.output
+    for command in ("run", "evaluate"):
+        result = CliRunner().invoke(main, [command, "--model", str(tmp_path)])
+        assert result.exit_code == 2
+        assert (f"{str(tmp_path)!r} is neither a checkpoint file, a run folder holding model.pt, "
+                "nor a shipped model (d-alignn, ae-alignn)") in result.output
 
 
 def test_repeated_ids_fail_naming_the_first_input(ray_local, shared_data, tiny_model, tmp_path):
