@@ -173,8 +173,9 @@ def test_model_is_a_shipped_name_a_file_or_a_run_folder(ray_local, small_folder,
     run_folder = tmp_path / "train_run"
     run_folder.mkdir()
     shutil.copy(tiny_model, run_folder / "model.pt")
-    for name, model in [("ae-alignn", shipped_model("ae-alignn")), (str(run_folder), tiny_model)]:
-        out = tmp_path / f"out_{len(name)}"
+    for i, (name, model) in enumerate([("ae-alignn", shipped_model("ae-alignn")),
+                                        (str(run_folder), tiny_model)]):
+        out = tmp_path / f"out{i}"
         result = CliRunner().invoke(main, ["run", "--structures", str(small_folder), "-o", str(out),
                                            "--quiet", "--workers", "1", "--model", name])
         assert result.exit_code == 0, result.output
