@@ -173,21 +173,22 @@ def test_model_is_a_shipped_name_a_file_or_a_run_folder(ray_local, small_folder,
     run_folder = tmp_path / "train_run"
     run_folder.mkdir()
     shutil.copy(tiny_model, run_folder / "model.pt")
-    for i, (name, model) in enumerate([("ae-alignn", shipped_model("ae-alignn")),
-                                        (str(run_folder), tiny_model)]):
+    ae = checkpoint_info(shipped_model("ae-alignn"))
+    assert ae["arch"] == "ae-alignn"
+    for i, (name, model_hash) in enumerate([("ae-alignn", ae["hash"]),
+                                             (str(run_folder), checkpoint_info(tiny_model)["hash"])]):
         out = tmp_path / f"out{i}"
         result = CliRunner().invoke(main, ["run", "--structures", str(small_folder), "-o", str(out),
                                            "--quiet", "--workers", "1", "--model", name])
         assert result.exit_code == 0, result.output
-        model_hash = checkpoint_info(model)["hash"]
         assert len(store.read_predictions(out, verify=True, model_hash=model_hash)["ids"]) == N_SMALL
-    assert checkpoint_info(shipped_model("ae-alignn"))["arch"] == "ae-alignn"
 
     for command in ("run", "evaluate"):
-        result = CliRunner().invoke(main, [command, "--model", str(tmp_path)])
-        assert result.exit_code == 2
-        assert (f"{str(tmp_path)!r} is neither a checkpoint file, a run folder holding model.pt, "
-                "nor a shipped model (d-alignn, ae-alignn)") in result.output
+        for bad in ("ae", str(tmp_path)):
+            result = CliRunner().invoke(main, [command, "--model", bad])
+            assert result.exit_code == 2
+            assert (f"{bad!r} is neither a checkpoint file, a run folder holding model.pt, "
+                    "nor a shipped model (d-alignn, ae-alignn)") in result.output
 
 
 def test_repeated_ids_fail_naming_the_first_input(ray_local, shared_data, tiny_model, tmp_path):
