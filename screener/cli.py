@@ -370,8 +370,9 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
 @click.option("--limit", type=int, help="Only the first N structures after ordering.")
 @click.option("--order", type=click.Choice(["input", "small-first", "gap-balanced"]),
               default="input", show_default=True,
-              help="small-first: fewest atoms first, new elements early; gap-balanced: the same, "
-                   "alternating JARVIS-gapped and other structures.")
+              help="small-first: each element's smallest structure, then fewest atoms first; "
+                   "gap-balanced: the same, alternating JARVIS-gapped and other structures "
+                   "after the elements' first.")
 @click.option("--kpt-density", type=float, default=2.5, show_default=True,
               help="k-points per reciprocal Angstrom (ASE density).")
 @click.option("--retry-failed", is_flag=True,

@@ -204,37 +204,51 @@ def select(items: list[tuple[Structure | Failure, float]], order: str,
 
 
 def small_first(items: list[tuple[Structure, float]]) -> list[tuple[Structure, float]]:
-    """Fewest atoms first; among equal sizes, structures bringing unseen elements go first.
+    """Each element's smallest structure first (element_cover), then the rest by size.
 
     DFT time grows steeply with cell size, so small cells give the most labels per hour; the
-    element rule spreads the first labels over as much chemistry as the sizes allow.
+    cover puts every element of the input into the set early, also those that only come in
+    large cells, which a plain size order would reach last.
     """
-    ordered, seen = [], set()
-    by_size = sorted(items, key=lambda item: (item[0].n_atoms, item[0].id))
-    for _, band in itertools.groupby(by_size, key=lambda item: item[0].n_atoms):
-        rest = list(band)
-        while rest:
-            best = max(rest, key=lambda item: len(set(item[0].numbers.tolist()) - seen))
-            if not set(best[0].numbers.tolist()) - seen:
-                break
-            ordered.append(best)
-            seen |= set(best[0].numbers.tolist())
-            rest.remove(best)
-        ordered.extend(rest)
-    return ordered
+    cover, rest = element_cover(items)
+    return cover + rest
 
 
 def gap_balanced(items: list[tuple[Structure, float]]) -> list[tuple[Structure, float]]:
-    """Small-first, alternating a reference-gapped structure and an other one.
+    """The element cover, then the rest by size, alternating a reference-gapped structure and
+    an other one.
 
     Most small JARVIS cells are metals; a set labelled purely small-first teaches the model
     that everything is metallic, while screening asks for gaps. Alternating on the JARVIS gap
     (above GAPPED_ABOVE eV) keeps both classes growing together for as long as both last.
     """
-    gapped = small_first([item for item in items if item[1] > GAPPED_ABOVE])
-    other = small_first([item for item in items if not item[1] > GAPPED_ABOVE])
+    cover, rest = element_cover(items)
+    gapped = [item for item in rest if item[1] > GAPPED_ABOVE]
+    other = [item for item in rest if not item[1] > GAPPED_ABOVE]
     pairs = itertools.zip_longest(gapped, other)
-    return [item for pair in pairs for item in pair if item is not None]
+    return cover + [item for pair in pairs for item in pair if item is not None]
+
+
+def element_cover(items: list[tuple[Structure, float]]
+                  ) -> tuple[list[tuple[Structure, float]], list[tuple[Structure, float]]]:
+    """(structures that bring an element first, the rest), each by size, fewest atoms first.
+
+    Among equal sizes, the structure bringing the most unseen elements goes first, so the
+    cover stays small and its first labels spread over as much chemistry as the sizes allow.
+    """
+    cover, rest, seen = [], [], set()
+    by_size = sorted(items, key=lambda item: (item[0].n_atoms, item[0].id))
+    for _, band in itertools.groupby(by_size, key=lambda item: item[0].n_atoms):
+        band = list(band)
+        while band:
+            best = max(band, key=lambda item: len(set(item[0].numbers.tolist()) - seen))
+            if not set(best[0].numbers.tolist()) - seen:
+                break
+            cover.append(best)
+            seen |= set(best[0].numbers.tolist())
+            band.remove(best)
+        rest.extend(band)
+    return cover, rest
 
 
 def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Settings,

@@ -24,6 +24,7 @@ from screener.label import (
     GAPPED_ABOVE,
     LOST,
     _failure_part,
+    element_cover,
     gap_balanced,
     label,
     parts_dir,
@@ -251,31 +252,48 @@ def test_a_cell_too_skewed_for_gpaw_is_labelled_in_its_niggli_form(shared_data, 
     assert np.isfinite(part["dos"]).all() and part["n_electrons"] == 33
 
 
-def test_small_first_spreads_chemistry(shared_data):
-    items = [(s, g) for s, g in read_inputs(shared_data / "jarvis_structures.json.gz")
-             if not isinstance(s, Failure)]
+def _jarvis_items(shared_data) -> list:
+    return [(s, g) for s, g in read_inputs(shared_data / "jarvis_structures.json.gz")
+            if not isinstance(s, Failure)]
+
+
+def _elements(structures) -> set:
+    return {z for s in structures for z in s.numbers.tolist()}
+
+
+def test_small_first_takes_every_element_early(shared_data):
+    """Dy first comes in a 9-atom cell and Cs in a 36-atom one: each element's smallest
+    structure goes ahead of the thousands of smaller cells that bring nothing new."""
+    items = _jarvis_items(shared_data)
     ordered = [s for s, _ in small_first(items)]
-    sizes = [s.n_atoms for s in ordered]
-    assert sizes == sorted(sizes) and len(ordered) == len(items)
-    seen = {z for s in ordered if s.n_atoms == 1 for z in s.numbers.tolist()}
-    new = []
-    for pair in (s for s in ordered if s.n_atoms == 2):
-        new.append(bool(set(pair.numbers.tolist()) - seen))
-        seen |= set(pair.numbers.tolist())
-    first_old = new.index(False)
-    assert first_old > 10 and not any(new[first_old:])
+    cover_items, rest = element_cover(items)
+    cover = [s for s, _ in cover_items]
+    assert ordered[:len(cover)] == cover and len(ordered) == len(items)
+    assert _elements(cover) == _elements(ordered) and len(cover) < 100
+    for part in (cover, [s for s, _ in rest]):
+        sizes = [s.n_atoms for s in part]
+        assert sizes == sorted(sizes)
+    for i, structure in enumerate(cover):
+        assert set(structure.numbers.tolist()) - _elements(cover[:i])
+    dysprosium, caesium = 66, 55
+    for z in (dysprosium, caesium):
+        first = next(i for i, s in enumerate(ordered) if z in s.numbers)
+        assert first < len(cover) and ordered[first].n_atoms == min(
+            s.n_atoms for s in ordered if z in s.numbers)
+    assert max(s.n_atoms for s in cover) >= 36
 
 
-def test_gap_balanced_alternates_classes_small_first(shared_data):
-    items = [(s, g) for s, g in read_inputs(shared_data / "jarvis_structures.json.gz")
-             if not isinstance(s, Failure)]
+def test_gap_balanced_alternates_classes_after_the_element_cover(shared_data):
+    items = _jarvis_items(shared_data)
     ordered = gap_balanced(items)
+    n_cover = len(element_cover(items)[0])
     assert sorted(s.id for s, _ in ordered) == sorted(s.id for s, _ in items)
-    gapped = [g > GAPPED_ABOVE for _, g in ordered]
+    assert ordered[:n_cover] == small_first(items)[:n_cover]
+    gapped = [g > GAPPED_ABOVE for _, g in ordered[n_cover:]]
     n_gapped = sum(gapped)
     assert gapped[:2 * n_gapped:2] == [True] * n_gapped and not any(gapped[1:2 * n_gapped:2])
     for flag in (True, False):
-        sizes = [s.n_atoms for (s, _), g in zip(ordered, gapped) if g is flag]
+        sizes = [s.n_atoms for (s, _), g in zip(ordered[n_cover:], gapped) if g is flag]
         assert sizes == sorted(sizes)
 
 
