@@ -34,7 +34,9 @@ import os
 import resource
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from functools import cache
 
 import numpy as np
 
@@ -94,6 +96,26 @@ def to_atoms(structure: Structure):
 
     return Atoms(numbers=structure.numbers, positions=structure.positions,
                  cell=structure.lattice, pbc=True)
+
+
+def missing_basis(numbers: Iterable[int]) -> list[str]:
+    """The elements among `numbers` that GPAW has no dzp basis file for (gpaw-data 1.2.1 has
+    none for Tc, Th and U): their calculations could only fail, and only once started."""
+    from ase.data import chemical_symbols
+
+    symbols = (chemical_symbols[z] for z in sorted(set(numbers)))
+    return [symbol for symbol in symbols if not _has_basis(symbol)]
+
+
+@cache
+def _has_basis(symbol: str) -> bool:
+    from gpaw.basis_data import Basis
+
+    try:
+        Basis.find(symbol, "dzp")
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def calculate(structure: Structure, settings: Settings = Settings(),

@@ -34,7 +34,7 @@ from screener.dataset import (
     reference_gap_value,
     write_training_set,
 )
-from screener.dft import Settings, calculate_with_timeout, provenance
+from screener.dft import Settings, calculate_with_timeout, missing_basis, provenance
 from screener.errors import ScreenerError
 from screener.structures import Failure, Source, Structure, discover, load, read_records
 
@@ -142,7 +142,19 @@ def read_inputs(path: str | Path) -> list[tuple[Structure | Failure, float]]:
 
 def load_inputs(sources: Iterable[Source]) -> list[tuple[Structure | Failure, float]]:
     """Read each source in the driver: a label task gets its structure, not a file to find."""
-    return [(load(source), reference_gap(source.origin)) for source in sources]
+    return [(_with_basis(load(source)), reference_gap(source.origin)) for source in sources]
+
+
+def _with_basis(item: Structure | Failure) -> Structure | Failure:
+    """A structure GPAW has no basis for fails here: it costs no Ray task, and the element
+    cover takes its other elements from their next structure. Without GPAW there is nothing
+    to look up, and label_inputs refuses the run."""
+    if isinstance(item, Failure) or find_spec("gpaw") is None:
+        return item
+    missing = missing_basis(item.numbers.tolist())
+    if not missing:
+        return item
+    return Failure(item.id, item.source, "label", f"no dzp basis in GPAW's data for {', '.join(missing)}")
 
 
 def _shortlist_columns(path: Path) -> tuple[list[str], list[str]]:

@@ -283,6 +283,20 @@ def test_small_first_takes_every_element_early(shared_data):
     assert max(s.n_atoms for s in cover) >= 36
 
 
+def test_a_structure_without_a_gpaw_basis_fails_before_any_task(shared_data):
+    """gpaw-data has no dzp basis for Tc, Th and U: those structures fail as they are read,
+    and the element cover takes Cs from its next structure (49 atoms, no U)."""
+    pytest.importorskip("gpaw")
+    items = read_inputs(shared_data / "jarvis_structures.json.gz")
+    failed = {item.id: item.reason for item, _ in items if isinstance(item, Failure)}
+    assert failed["mp-562513"] == "no dzp basis in GPAW's data for U"
+    assert failed["JVASP-1169"] == "no dzp basis in GPAW's data for Th"
+    assert all(reason.startswith("no dzp basis") for reason in failed.values())
+    cover = [s for s, _ in element_cover([i for i in items if not isinstance(i[0], Failure)])[0]]
+    caesium = 55
+    assert [s.id for s in cover if caesium in s.numbers] == ["mp-540725"]
+
+
 def test_gap_balanced_alternates_classes_after_the_element_cover(shared_data):
     items = _jarvis_items(shared_data)
     ordered = gap_balanced(items)
