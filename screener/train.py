@@ -66,12 +66,13 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
           epochs: int = 300, patience: int = 30, loss: str = "mse", amp: bool = False,
           config: dict | None = None, address: str | None = None, seed: int = 0,
           ae_epochs: int = 200, gaps: str | Path | None = None, hold_out: Sequence[str | Path] = (),
-          gap_weight: float = GAP_WEIGHT) -> dict:
+          gap_weight: float = GAP_WEIGHT, cpus_per_worker: int | None = None) -> dict:
     """Train one model into out_dir (resuming what is there) and return its final metrics.
 
     `gaps`: a JARVIS record file whose known gaps bound the predicted spectra of structures
     without a DOS label (screener.gap_set); every structure of the training set and of the
-    `hold_out` inputs (e.g. what the model will screen) is left out of it.
+    `hold_out` inputs (e.g. what the model will screen) is left out of it. `cpus_per_worker`:
+    each DDP worker's CPUs and torch threads, by default worker_cpus' rule.
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -96,15 +97,28 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
     if not state["early_stopped"] and state["epoch"] < epochs:
         connect(address, worker_logs=True)
         gpu = {"GPU": gpus_per_worker} if gpus_per_worker else {}
+        cpus = cpus_per_worker or worker_cpus(workers, gpus_per_worker, local=address is None)
         TorchTrainer(
             train_loop,
             train_loop_config=settings,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
-                                         resources_per_worker={"CPU": 1, **gpu}),
+                                         resources_per_worker={"CPU": cpus, **gpu}),
             run_config=RunConfig(name=RUN_NAME, storage_path=str(out),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         ).fit()
     return finish(latest_checkpoint(out), settings, out)
+
+
+def worker_cpus(workers: int, gpus_per_worker: float, local: bool) -> int:
+    """CPUs, and so torch threads, per DDP worker by default: on a local Ray without GPUs the
+    workers share the machine's CPUs (one worker on one thread left the second core of this
+    machine idle: 33 s an epoch, 20 s on two threads); one each beside GPUs and on a cluster,
+    whose nodes may differ in size."""
+    import ray
+
+    if gpus_per_worker or not local:
+        return 1
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
 
 
 def gap_settings(data: Path, gaps: str | Path | None, hold_out: Sequence[str | Path],
@@ -391,6 +405,8 @@ def train_loop(settings: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    torch.set_num_threads(threads)
     torch.manual_seed(settings["seed"])
     task = make_task(settings)
     train_part, val_part = load_parts(settings["data"], rank, world, task.targets_of,
@@ -401,7 +417,7 @@ def train_loop(settings: dict) -> None:
         start_at_mean(task.trainable, train_part.targets)
     state = restore(task.model, Path(resume)) if resume else new_state(settings)
     task.model.to(device)
-    log(rank, f"{world} worker(s); rank 0 trains on {device}")
+    log(rank, f"{world} worker(s); rank 0 trains on {device} with {threads} torch threads")
     net = ray.train.torch.prepare_model(  # the last layers' edge updates feed no output
         task.trainable, parallel_strategy_kwargs={"find_unused_parameters": True})
     steps = -(-len(train_part.rows) // settings["batch_size"])
@@ -422,7 +438,8 @@ def train_loop(settings: dict) -> None:
                                         device, settings["amp"]) for part in (val_part, gap_val))
         row = {"epoch": epoch, "train_loss": mean_over_ranks(loss, device), "val_mae": val,
                "val_gap_excess": val_gap, "val_score": val_score(val, val_gap, settings),
-               "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start}
+               "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start,
+               "threads": threads}
         advance(state, row, task.model, settings["patience"])
         report(state, task.model, optimizer, scheduler, rank)
         log(rank, "epoch {epoch:4d}  loss {train_loss:.5f}  val MAE {val_mae:.5f}  "
@@ -545,8 +562,10 @@ def baseline_mae(data) -> float:
 
 
 def write_metrics(out: Path, history: list[dict], metrics: dict) -> None:
+    """metrics.csv has every column any epoch has: a run resumed across versions may add one."""
+    columns = list(dict.fromkeys(key for row in history for key in row))
     with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
     (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=1))

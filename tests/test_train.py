@@ -163,10 +163,19 @@ def test_two_worker_ddp_from_the_cli(ray_local, data_path, shared_data, tmp_path
     assert len(meta["data_hash"]) == 64
     metrics = json.loads((out / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics["history"]] == [1, 2]
+    assert [row["threads"] for row in metrics["history"]] == [1, 1]  # 2 CPUs, 2 workers
     assert (out / "metrics.csv").read_text().startswith("epoch,train_loss,val_mae")
     assert type(model) is type(build_model("d-alignn", TINY))
     assert all(np.isfinite(row["val_gap_excess"]) for row in metrics["history"])
     assert "JVASP-107" in meta["gap_set"]["exclude"] and meta["gap_set"]["weight"] == training.GAP_WEIGHT
+
+
+def test_metrics_csv_has_the_columns_of_every_epoch(tmp_path):
+    """A run resumed across versions may add a column halfway."""
+    history = [{"epoch": 1, "val_mae": 0.1}, {"epoch": 2, "val_mae": 0.09, "threads": 2}]
+    training.write_metrics(tmp_path, history, {})
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines == ["epoch,val_mae,threads", "1,0.1,", "2,0.09,2"]
 
 
 def wait_for_exit(pids: list[int], seconds: float = 60) -> None:
@@ -206,6 +215,8 @@ def test_killed_ae_alignn_training_resumes_from_its_last_checkpoint(ray_local, d
     assert metrics["resumed_at"] == [killed_at + 1]
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [row["epoch"] for row in history] == list(range(1, options["epochs"] + 1))
+    # one thread per worker on the cluster it joined first, then the local Ray's 2 CPUs
+    assert [row["threads"] for row in history] == [1] * killed_at + [2] * (5 - killed_at)
     assert np.isfinite(metrics["reconstruction_val_mae"])
     model, meta = load_checkpoint(out / "model.pt")
     assert meta["arch"] == "ae-alignn" and model.latent_size == 4
