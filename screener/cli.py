@@ -301,8 +301,8 @@ def evaluate_model(model_path, data_path, split, out_dir, batch_size, device, ga
 @click.option("--workers", type=int, default=1, show_default=True, help="DDP workers.")
 @click.option("--gpus-per-worker", type=float, default=0, show_default=True)
 @click.option("--cpus-per-worker", type=click.IntRange(min=1),
-              help="CPUs and torch threads per worker (default: a local Ray's CPUs shared among "
-                   "the workers; 1 beside GPUs or on a cluster).")
+              help="CPUs and torch threads per worker (default: a one-node Ray's free CPUs "
+                   "shared among the workers; 1 beside GPUs or on several nodes).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per worker.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak one-cycle rate.")
 @click.option("--epochs", type=int, default=300, show_default=True)

@@ -97,7 +97,7 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
     if not state["early_stopped"] and state["epoch"] < epochs:
         connect(address, worker_logs=True)
         gpu = {"GPU": gpus_per_worker} if gpus_per_worker else {}
-        cpus = cpus_per_worker or worker_cpus(workers, gpus_per_worker, local=address is None)
+        cpus = cpus_per_worker or worker_cpus(workers, gpus_per_worker)
         TorchTrainer(
             train_loop,
             train_loop_config=settings,
@@ -109,16 +109,16 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
     return finish(latest_checkpoint(out), settings, out)
 
 
-def worker_cpus(workers: int, gpus_per_worker: float, local: bool) -> int:
-    """CPUs, and so torch threads, per DDP worker by default: on a local Ray without GPUs the
-    workers share the machine's CPUs (one worker on one thread left the second core of this
-    machine idle: 33 s an epoch, 20 s on two threads); one each beside GPUs and on a cluster,
-    whose nodes may differ in size."""
+def worker_cpus(workers: int, gpus_per_worker: float) -> int:
+    """CPUs, and so torch threads, per DDP worker by default: on a one-node Ray without GPUs
+    the workers share the CPUs free now (one worker on one thread left the second core of this
+    machine idle: 33 s an epoch, 19.5 s on two threads); one each beside GPUs and on a cluster
+    of several nodes, which may differ in size."""
     import ray
 
-    if gpus_per_worker or not local:
+    if gpus_per_worker or sum(node["Alive"] for node in ray.nodes()) != 1:
         return 1
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+    return max(1, int(ray.available_resources().get("CPU", 1)) // workers)
 
 
 def gap_settings(data: Path, gaps: str | Path | None, hold_out: Sequence[str | Path],

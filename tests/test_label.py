@@ -262,7 +262,7 @@ def _elements(structures) -> set:
 
 
 def test_small_first_takes_every_element_early(shared_data):
-    """Dy first comes in a 9-atom cell and Cs in a 36-atom one: each element's smallest
+    """Dy first comes in a 9-atom cell and Cs in one of 36 or more: each element's smallest
     structure goes ahead of the thousands of smaller cells that bring nothing new."""
     items = _jarvis_items(shared_data)
     ordered = [s for s, _ in small_first(items)]

@@ -211,12 +211,20 @@ def test_killed_ae_alignn_training_resumes_from_its_last_checkpoint(ray_local, d
     killed_at = torch.load(training.latest_checkpoint(out) / "state.pt")["epoch"]
     assert 1 <= killed_at < options["epochs"]
 
+    threads = training.worker_cpus(1, 0)
     metrics = training.train(data_path, out, **options)
     assert metrics["resumed_at"] == [killed_at + 1]
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [row["epoch"] for row in history] == list(range(1, options["epochs"] + 1))
-    # one thread per worker on the cluster it joined first, then the local Ray's 2 CPUs
-    assert [row["threads"] for row in history] == [1] * killed_at + [2] * (5 - killed_at)
+    assert [row["threads"] for row in history[killed_at:]] == [threads] * (5 - killed_at)
     assert np.isfinite(metrics["reconstruction_val_mae"])
     model, meta = load_checkpoint(out / "model.pt")
     assert meta["arch"] == "ae-alignn" and model.latent_size == 4
+
+
+def test_workers_share_a_one_node_ray_s_free_cpus(ray_local):
+    """One thread per worker left a core idle; GPU workers keep one CPU each."""
+    free = int(ray_local.available_resources()["CPU"])
+    assert training.worker_cpus(1, 0) == max(1, free)
+    assert training.worker_cpus(2 * free, 0) == 1
+    assert training.worker_cpus(1, 0.5) == 1
