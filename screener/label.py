@@ -142,14 +142,16 @@ def read_inputs(path: str | Path) -> list[tuple[Structure | Failure, float]]:
 
 def load_inputs(sources: Iterable[Source]) -> list[tuple[Structure | Failure, float]]:
     """Read each source in the driver: a label task gets its structure, not a file to find."""
-    return [(_with_basis(load(source)), reference_gap(source.origin)) for source in sources]
+    check = find_spec("gpaw") is not None
+    return [(_with_basis(load(source)) if check else load(source), reference_gap(source.origin))
+            for source in sources]
 
 
 def _with_basis(item: Structure | Failure) -> Structure | Failure:
     """A structure GPAW has no basis for fails here: it costs no Ray task, and the element
-    cover takes its other elements from their next structure. Without GPAW there is nothing
-    to look up, and label_inputs refuses the run."""
-    if isinstance(item, Failure) or find_spec("gpaw") is None:
+    cover takes its other elements from their next structure. load_inputs asks only where
+    GPAW is installed; without it label_inputs refuses the run."""
+    if isinstance(item, Failure):
         return item
     missing = missing_basis(item.numbers.tolist())
     if not missing:
@@ -251,15 +253,15 @@ def element_cover(items: list[tuple[Structure, float]]
     cover, rest, seen = [], [], set()
     by_size = sorted(items, key=lambda item: (item[0].n_atoms, item[0].id))
     for _, band in itertools.groupby(by_size, key=lambda item: item[0].n_atoms):
-        band = list(band)
+        band = [(item, set(item[0].numbers.tolist())) for item in band]
         while band:
-            best = max(band, key=lambda item: len(set(item[0].numbers.tolist()) - seen))
-            if not set(best[0].numbers.tolist()) - seen:
+            best = max(range(len(band)), key=lambda i: len(band[i][1] - seen))
+            if not band[best][1] - seen:
                 break
-            cover.append(best)
-            seen |= set(best[0].numbers.tolist())
-            band.remove(best)
-        rest.extend(band)
+            item, elements = band.pop(best)
+            cover.append(item)
+            seen |= elements
+        rest.extend(item for item, _ in band)
     return cover, rest
 
 
