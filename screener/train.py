@@ -95,7 +95,7 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
     if arch == "ae-alignn":
         settings["autoencoder"] = str(fit_autoencoder(settings, out))
     if not state["early_stopped"] and state["epoch"] < epochs:
-        connect(address, worker_logs=True)
+        connect(address, worker_logs=True, dashboard=True)
         gpu = {"GPU": gpus_per_worker} if gpus_per_worker else {}
         cpus = cpus_per_worker or worker_cpus(workers, gpus_per_worker)
         TorchTrainer(

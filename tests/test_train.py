@@ -24,6 +24,11 @@ TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 16, "angle_rbf": 8, "alignn_la
 REPO = Path(__file__).resolve().parents[1]
 
 
+def repo_env() -> dict:
+    """The environment for a Python subprocess that imports this checkout's screener."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
 @pytest.fixture(scope="module")
 def data_path(shared_data, tmp_path_factory) -> Path:
     sample = from_json(shared_data / "jarvis_edos_sample10.json")
@@ -170,6 +175,30 @@ def test_two_worker_ddp_from_the_cli(ray_local, data_path, shared_data, tmp_path
     assert "JVASP-107" in meta["gap_set"]["exclude"] and meta["gap_set"]["weight"] == training.GAP_WEIGHT
 
 
+@pytest.mark.slow
+def test_training_starts_its_local_ray_with_the_state_api():
+    """Ray Train's placement-group monitor polls the State API, which only the dashboard serves:
+    without it a training run warns every second, and is killed once another Ray's dashboard
+    answers in its place. In a process of its own, since the session's Ray is already up here
+    and connect() would join it."""
+    code = ("import ray\n"
+            "from ray.util.state import list_actors\n"
+            "from screener.pipeline import connect\n"
+            "for dashboard in (False, True):\n"
+            "    connect(None, dashboard=dashboard)\n"
+            "    try:\n"
+            "        list_actors(address=ray.get_runtime_context().gcs_address)\n"
+            "        print(dashboard, 'answers')\n"
+            "    except Exception as error:\n"
+            "        print(dashboard, 'fails', type(error).__name__)\n"
+            "    ray.shutdown()\n")
+    done = subprocess.run([sys.executable, "-c", code], env=repo_env(), capture_output=True,
+                          text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("False fails") and lines[1] == "True answers", done.stdout
+
+
 def test_metrics_csv_has_the_columns_of_every_epoch(tmp_path):
     """A run resumed across versions may add a column halfway."""
     history = [{"epoch": 1, "val_mae": 0.1}, {"epoch": 2, "val_mae": 0.09, "threads": 2}]
@@ -194,10 +223,9 @@ def test_killed_ae_alignn_training_resumes_from_its_last_checkpoint(ray_local, d
                "batch_size": 4, "config": TINY}
     code = (f"from screener.train import train; train({str(data_path)!r}, {str(out)!r}, "
             f"address={ray_local.get_runtime_context().gcs_address!r}, **{options!r})")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     log = tmp_path / "job.log"
     with open(log, "w") as sink:
-        job = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=sink, stderr=sink)
+        job = subprocess.Popen([sys.executable, "-c", code], env=repo_env(), stdout=sink, stderr=sink)
     try:
         deadline = time.monotonic() + 240
         while training.latest_checkpoint(out) is None:
