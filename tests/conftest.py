@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
 TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 16, "angle_rbf": 8, "alignn_layers": 1,
         "gcn_layers": 1}
+
+
+def repo_env() -> dict:
+    """The environment for a Python subprocess that imports this checkout's screener."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import complete_ids, kill_group, screen_cmd
+from conftest import REPO, complete_ids, kill_group, screen_cmd
 
 from screener import store
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 

@@ -2,7 +2,6 @@
 import csv
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import REPO, repo_env
 
 from screener import store
 from screener.dos import ENERGY_GRID, band_gap, dos_at_ef
@@ -20,7 +20,6 @@ from screener.structures import Failure, Structure, discover, load
 
 K = 16
 ATTRS = {"model_id": "test-model", "model_hash": "a" * 64}
-REPO = Path(__file__).resolve().parents[1]
 
 
 def named(path: Path, pattern: str) -> str:
@@ -275,7 +274,7 @@ def test_killed_writer_leaves_only_a_tmp_file_readers_ignore(tmp_path):
               " as f:\n    f.create_dataset('ids', data=['a'])\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n")
     done = subprocess.run([sys.executable, "-c", script, str(path)], check=False, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=repo_env())
     assert done.returncode == -9
     assert not path.exists() and path.with_name(path.name + ".tmp").exists()
     assert len(store.read_predictions(tmp_path)["ids"]) == 0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ray_workers
+from conftest import REPO, ray_workers, repo_env
 
 from screener import train as training
 from screener.cli import main
@@ -21,12 +21,6 @@ from screener.model import build_model, load_checkpoint
 
 TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 16, "angle_rbf": 8, "alignn_layers": 1,
         "gcn_layers": 1}
-REPO = Path(__file__).resolve().parents[1]
-
-
-def repo_env() -> dict:
-    """The environment for a Python subprocess that imports this checkout's screener."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="module")
