@@ -1,12 +1,12 @@
 """Training sets from the real JARVIS eDOS records and VASP runs: sources, layout, round trip."""
 import json
 import zipfile
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import REPO
 
 from screener.cli import main
 from screener.dataset import (
@@ -27,7 +27,7 @@ from screener.dos import N_BINS, band_gap, dos_at_ef
 from screener.graphs import build_graph
 from screener.store import SchemaError
 
-SCHEMA = json.loads((Path(__file__).parents[1] / "schemas" / "training_set.json").read_text())
+SCHEMA = json.loads((REPO / "schemas" / "training_set.json").read_text())
 SAMPLE = "jarvis_edos_sample10.json"
 
 

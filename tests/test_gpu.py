@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from screener import store
 from screener.dos import E_STEP
@@ -15,7 +16,7 @@ from screener.pipeline import RunOptions, run, shipped_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TRAINING_SET = Path(__file__).resolve().parents[1] / "data" / "gpaw_labels.h5"
+TRAINING_SET = REPO / "data" / "gpaw_labels.h5"
 
 
 def by_id(results: Path) -> dict[str, np.ndarray]:

@@ -12,15 +12,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, ray_workers, repo_env
+from conftest import REPO, TINY, ray_workers, repo_env
 
 from screener import train as training
 from screener.cli import main
 from screener.dataset import from_json, read_training_set, write_training_set
 from screener.model import build_model, load_checkpoint
-
-TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 16, "angle_rbf": 8, "alignn_layers": 1,
-        "gcn_layers": 1}
 
 
 @pytest.fixture(scope="module")
