@@ -7,15 +7,13 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO
+from conftest import GPAW_LABELS, REPO
 
 from screener.check_labels import DOS_FOLDER, GAP_PARITY, REPORT, check_labels
 from screener.cli import main
 from screener.dataset import from_json, write_training_set
 
-DATA = REPO / "data"
-GPAW_LABELS = DATA / "gpaw_labels.h5"
-EDOS_LABELS = DATA / "edos_labels.h5"
+EDOS_LABELS = REPO / "data" / "edos_labels.h5"
 
 
 def _raw(path: Path) -> dict[str, np.ndarray]:

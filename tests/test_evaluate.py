@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO
+from conftest import GPAW_LABELS
 
 from screener.cli import main
 from screener.dataset import (
@@ -128,8 +128,7 @@ def test_the_shipped_model_scores_its_gap_set_from_a_file_given_here(tmp_path, s
     accepted only when its sha256 is the one the model trained with."""
     from screener.pipeline import shipped_model
 
-    labels = REPO / "data" / "gpaw_labels.h5"
-    args = ["evaluate", "--model", str(shipped_model()), "--data", str(labels), "--split", "test"]
+    args = ["evaluate", "--model", str(shipped_model()), "--data", str(GPAW_LABELS), "--split", "test"]
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a"),
                                        "--gaps", str(shared_data / "jarvis_structures.json.gz")])
     assert result.exit_code == 0, result.output

@@ -8,15 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import GPAW_LABELS
 
 from screener import store
 from screener.dos import E_STEP
 from screener.pipeline import RunOptions, run, shipped_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-TRAINING_SET = REPO / "data" / "gpaw_labels.h5"
 
 
 def by_id(results: Path) -> dict[str, np.ndarray]:
@@ -46,7 +44,7 @@ def test_training_runs_on_a_gpu_worker(ray_local, tmp_path):
     from screener.model import load_checkpoint
     from screener.train import train
 
-    metrics = train(TRAINING_SET, tmp_path / "run", workers=1, gpus_per_worker=1, batch_size=16,
+    metrics = train(GPAW_LABELS, tmp_path / "run", workers=1, gpus_per_worker=1, batch_size=16,
                     epochs=3, patience=3, loss="l1", amp=True,
                     config={"hidden": 32, "alignn_layers": 1, "gcn_layers": 1})
     assert metrics["epochs_run"] == 3 and math.isfinite(metrics["val_mae"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, TINY, ray_workers, repo_env
+from conftest import GPAW_LABELS, TINY, ray_workers, repo_env
 
 from screener import train as training
 from screener.cli import main
@@ -111,11 +111,10 @@ def test_resuming_another_run_is_refused(data_path, tmp_path):
 def test_autoencoder_learns_the_spectra_and_is_reused(tmp_path):
     """On the project's GPAW spectra: the kept autoencoder reconstructs unseen validation
     spectra better than the mean training spectrum describes them."""
-    labels = REPO / "data" / "gpaw_labels.h5"
-    settings = settings_for(labels, arch="ae-alignn", latent=12, data_hash="abc")
+    settings = settings_for(GPAW_LABELS, arch="ae-alignn", latent=12, data_hash="abc")
     path = training.fit_autoencoder(settings, tmp_path)
     saved = torch.load(path, weights_only=True)
-    data = read_training_set(labels, graphs=False)
+    data = read_training_set(GPAW_LABELS, graphs=False)
     mean_spectrum = data.dos[data.split["train"]].mean(0)
     baseline = float(np.abs(mean_spectrum - data.dos[data.split["val"]]).mean())
     assert saved["val_mae"] < baseline
