@@ -40,7 +40,7 @@ from functools import cache
 
 import numpy as np
 
-from screener.dos import E_MIN, E_STEP, N_BINS, normalize, to_grid
+from screener.dos import E_MIN, E_STEP, N_BINS, normalize, to_grid, valence_electrons
 from screener.structures import Structure
 
 KPT_DENSITY = 2.5
@@ -50,6 +50,9 @@ GRID_SPACING = 0.25
 SYMMETRY_TOLERANCE = 1e-3
 GAP_ZERO_OFFSET = 0.5
 PARTIAL_OCCUPATION = 0.01
+# What the DOS is divided by: JARVIS's valence count (dos.valence_electrons), not GPAW's own,
+# whose setups often hold semicore states (Ti: 12 against 10), so labels share edos_up's scale.
+VALENCE = "jarvis"
 _FINE_STEP = 0.01
 
 
@@ -61,6 +64,12 @@ class Settings:
     smearing: float = SMEARING
     broadening: float = BROADENING
     grid_spacing: float = GRID_SPACING
+    valence: str = VALENCE
+
+    def __post_init__(self) -> None:
+        if self.valence != VALENCE:
+            raise ValueError(f"valence {self.valence!r}: labels are divided by the {VALENCE!r} "
+                             "valence count only")
 
 
 @dataclass(frozen=True)
@@ -138,9 +147,8 @@ def calculate(structure: Structure, settings: Settings = Settings(),
 
 
 def _calculate(atoms, settings: Settings, txt: str | None) -> Label:
-    """The DOS is normalized by GPAW's own valence count (calc.get_number_of_electrons(),
-    semicore states included as its setups have them): the normalized DOS of all states of
-    the calculation integrates to exactly 1/2 (one spin, per electron) up to E_F.
+    """The DOS is divided by 2 x the JARVIS/VASP valence count of the cell (one scale with
+    JARVIS edos_up); GPAW's own count, semicore states included, is kept as n_electrons.
     """
     from ase.dft.bandgap import GapInfo
     from gpaw import GPAW, KohnShamConvergenceError
@@ -158,7 +166,9 @@ def _calculate(atoms, settings: Settings, txt: str | None) -> Label:
     n_electrons = float(calc.get_number_of_electrons())
     gap, vbm, cbm = _gap_edges(GapInfo.fromcalc(calc)) if _filled(calc) else (0.0, 0.0, 0.0)
     zero = vbm + min(gap / 2, GAP_ZERO_OFFSET) if gap > 0 else 0.0
-    return Label(dos=normalize(total_dos(calc, settings.broadening, zero), n_electrons),
+    dos = normalize(total_dos(calc, settings.broadening, zero),
+                    valence_electrons(atoms.get_atomic_numbers()))
+    return Label(dos=dos,
                  gap=gap, vbm=vbm - zero, cbm=cbm - zero,
                  e_fermi=float(calc.get_fermi_level()) + zero, energy=float(energy), kpts=kpts,
                  n_electrons=n_electrons, wall_time=time.perf_counter() - start)
@@ -267,8 +277,9 @@ def provenance(settings: Settings) -> dict:
         "broadening": f"Gaussian exp(-((E - e)/w)^2), w = {settings.broadening} eV",
         "grid_spacing": f"{settings.grid_spacing} A",
         "symmetry_tolerance": f"{SYMMETRY_TOLERANCE} A",
-        "dos": "GPAW total DOS, both spins, bin-averaged onto the grid, divided by 2 x GPAW's "
-               "valence electron count (extra/n_electrons)",
+        "dos": "GPAW total DOS, both spins, bin-averaged onto the grid, divided by 2 x the "
+               "JARVIS valence electron count (dos.valence_electrons; GPAW's own count, "
+               "semicore included, is extra/n_electrons)",
         "energy_zero": f"E_F for metals, VBM + min(gap/2, {GAP_ZERO_OFFSET} eV) in a gap "
                        "(extra/e_fermi holds it)",
         "settings": asdict(settings),

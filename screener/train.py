@@ -54,7 +54,7 @@ GAP_SHARE = 1
 GAP_WEIGHT = 10.0
 # A resumed run must train the same thing the same way, or its checkpoint means nothing.
 RESUME_KEYS = ("data_hash", "arch", "latent", "ae_epochs", "config", "batch_size", "lr", "epochs",
-               "loss", "workers", "seed", "gaps_hash", "gap_weight", "gap_exclude")
+               "loss", "workers", "seed", "gaps_hash", "gap_weight", "gap_exclude", "hold_out")
 
 
 class ResumeError(ScreenerError, ValueError):
@@ -70,8 +70,9 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
     """Train one model into out_dir (resuming what is there) and return its final metrics.
 
     `gaps`: a JARVIS record file whose known gaps bound the predicted spectra of structures
-    without a DOS label (screener.gap_set); every structure of the training set and of the
-    `hold_out` inputs (e.g. what the model will screen) is left out of it. `cpus_per_worker`:
+    without a DOS label (screener.gap_set); every structure of the training set is left out of
+    it. The `hold_out` inputs (e.g. what the model will screen) are left out of everything:
+    the gap set and every split of the training set. `cpus_per_worker`:
     each DDP worker's CPUs and torch threads, by default worker_cpus' rule.
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -88,7 +89,8 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
                 "batch_size": batch_size, "lr": lr, "epochs": epochs, "patience": patience,
                 "loss": loss, "amp": amp, "workers": workers, "seed": seed,
                 "ae_epochs": ae_epochs if arch == "ae-alignn" else None,
-                **gap_settings(data, gaps, hold_out, gap_weight)}
+                "hold_out": held_out_ids(hold_out)}
+    settings.update(gap_settings(data, gaps, settings["hold_out"], gap_weight))
     resume = latest_checkpoint(out)
     state = resumable_state(resume, settings) if resume else new_state(settings)
     settings["resume_from"] = str(resume) if resume else None
@@ -121,15 +123,18 @@ def worker_cpus(workers: int, gpus_per_worker: float) -> int:
     return max(1, int(ray.available_resources().get("CPU", 1)) // workers)
 
 
-def gap_settings(data: Path, gaps: str | Path | None, hold_out: Sequence[str | Path],
-                 weight: float) -> dict:
-    """The gap set's file, hash, weight and the ids it must leave out (sorted, for resuming)."""
+def held_out_ids(paths: Sequence[str | Path]) -> list[str]:
+    """The ids of the structures under `paths`, sorted (a resumed run compares them)."""
+    return sorted({source.id for path in paths for source in discover(path)})
+
+
+def gap_settings(data: Path, gaps: str | Path | None, hold_out: list[str], weight: float) -> dict:
+    """The gap set's file, hash and weight, and the ids it leaves out (sorted): the training
+    set's and the held-out ones."""
     if gaps is None:
         return {"gaps": None, "gaps_hash": None, "gap_weight": None, "gap_exclude": None}
     gaps = Path(gaps).resolve()
-    exclude = {str(i) for i in read_training_set(data, graphs=False).ids}
-    for path in hold_out:
-        exclude.update(source.id for source in discover(path))
+    exclude = {str(i) for i in read_training_set(data, graphs=False).ids} | set(hold_out)
     return {"gaps": str(gaps), "gaps_hash": file_sha256(gaps), "gap_weight": weight,
             "gap_exclude": sorted(exclude)}
 
@@ -177,13 +182,16 @@ def start_at_mean(net: nn.Module, targets: np.ndarray) -> None:
     net.fc.weight.mul_(0.1)
 
 
-def load_parts(path: str, rank: int, world: int, targets_of, bounded: bool = False
-               ) -> tuple[Part, Part]:
-    """The train and validation shards of this rank, graphs read for those rows only;
-    `bounded` adds the bounds of each spectrum's own gap (gap_set.spectrum_bounds)."""
+def load_parts(path: str, rank: int, world: int, targets_of, bounded: bool = False,
+               hold_out: Sequence[str] = ()) -> tuple[Part, Part]:
+    """The train and validation shards of this rank without the `hold_out` ids, graphs read
+    for those rows only; `bounded` adds the bounds of each spectrum's own gap
+    (gap_set.spectrum_bounds)."""
     data = read_training_set(path, graphs=False)
-    train_rows = shard(data.split["train"], rank, world, pad=True)
-    val_rows = shard(data.split["val"], rank, world, pad=False)
+    kept = {name: rows[~np.isin(data.ids[rows].astype(str), list(hold_out))]
+            for name, rows in data.split.items()}
+    train_rows = shard(kept["train"], rank, world, pad=True)
+    val_rows = shard(kept["val"], rank, world, pad=False)
     needed = np.unique(np.concatenate([train_rows, val_rows]))
     graphs = dict(zip(needed.tolist(), read_set_graphs(path, needed)))
     targets = targets_of(data.dos)
@@ -410,7 +418,8 @@ def train_loop(settings: dict) -> None:
     torch.manual_seed(settings["seed"])
     task = make_task(settings)
     train_part, val_part = load_parts(settings["data"], rank, world, task.targets_of,
-                                      bounded=bool(settings["gaps"]))
+                                      bounded=bool(settings["gaps"]),
+                                      hold_out=settings["hold_out"])
     gap_train, gap_val = load_gap_parts(settings, rank, world)
     resume = settings.get("resume_from")
     if not resume:
