@@ -70,9 +70,17 @@ MODEL_HELP = ("Checkpoint file, `screen train` run folder, or a shipped model: d
               help="Then DFT-check (GPAW) the N shortlisted structures whose predicted gap lies "
                    "furthest inside --bandgap (nearest its centre; ties by id): verify.csv and "
                    "the training set verify.h5 in --out. A rerun skips finished structures.")
+@click.option("--min-probability", type=click.FloatRange(0, 1), metavar="P",
+              help="Shortlist structures with P(gap in --bandgap) >= P (default: the model's, "
+                   "chosen on validation).")
+@click.option("--strict-domain", is_flag=True,
+              help="Leave structures outside the model's training domain (unseen elements, "
+                   "larger cells) off the shortlist.")
 def run(structures, bandgap, out_dir, model, address, device, workers, batch_size, shard_size,
-        strict, quiet, verify_top):
+        strict, quiet, verify_top, min_probability, strict_domain):
     """Predict the DOS of every structure and shortlist those whose gap is in --bandgap."""
+    import numpy as np
+
     from screener import pipeline, store
     from screener.progress import progress_printer
 
@@ -102,17 +110,36 @@ def run(structures, bandgap, out_dir, model, address, device, workers, batch_siz
         click.echo(f"  failed {f.id} [{f.stage}] {f.source}: {f.reason}", err=True)
     if len(failures) > 20:
         click.echo(f"  ... {len(failures) - 20} more failures: screen failures {out_dir}", err=True)
+    outside = int(np.sum(~store.read_predictions(out_dir, ["in_domain"])["in_domain"]))
+    if outside:
+        click.echo(f"{outside} structures lie outside the model's training domain (unseen "
+                   f"elements or larger cells): column in_domain"
+                   f"{'; left off the shortlist' if strict_domain else ''}")
     if bandgap is not None:
-        rows = store.query(out_dir, bandgap=bandgap)
+        rows = store.query(out_dir, bandgap=bandgap, min_probability=min_probability,
+                           in_domain_only=strict_domain)
         shortlist = Path(out_dir) / "shortlist.csv"
-        store.write_csv(rows, shortlist)
-        click.echo(f"shortlisted {len(rows['ids'])} with {bandgap[0]} <= gap <= {bandgap[1]} eV "
-                   f"-> {shortlist}")
-        click.echo(store.format_table(rows))
+        store.write_csv(store.with_units(rows), shortlist)
+        click.echo(f"shortlisted {len(rows['ids'])} with P({bandgap[0]} <= gap <= {bandgap[1]} "
+                   f"eV) >= {_threshold(out_dir, min_probability):.2f} -> {shortlist}")
+        click.echo(store.format_table(store.with_units(rows), SHORTLIST_SHOWN))
     if verify_top is not None:
         _verify(out_dir, bandgap, verify_top, address, quiet)
     if strict and summary.n_failed:
         raise SystemExit(f"--strict: {summary.n_failed} structures failed")
+
+
+SHORTLIST_SHOWN = ("ids", "formula", "p_in_window", "band_gap_eV", "band_gap_std_eV", "p_metal",
+                   "dos_band_gap_eV", "in_domain")
+
+
+def _threshold(out_dir: str, min_probability: float | None) -> float:
+    """The P(in window) a shortlist of `out_dir` was cut at."""
+    from screener import store
+
+    if min_probability is not None:
+        return min_probability
+    return store.default_min_probability(store.complete_shards(out_dir))
 
 
 def _verify(out_dir: str, bandgap: tuple[float, float], n: int, address: str | None,
@@ -139,19 +166,25 @@ def _verify(out_dir: str, bandgap: tuple[float, float], n: int, address: str | N
 @click.option("--formula", help="Exact reduced formula, e.g. GaAs.")
 @click.option("--dos-at-ef", callback=parse_window, help="DOS at E_F window, LO:HI.")
 @click.option("--n-atoms", callback=parse_window, help="Atoms per cell, LO:HI.")
-@click.option("--sort", default="band_gap", show_default=True, help="Column; prefix '-' for descending.")
+@click.option("--min-probability", type=click.FloatRange(0, 1), metavar="P",
+              help="With --bandgap: keep P(gap in window) >= P (default: the model's choice).")
+@click.option("--sort", default="auto", show_default=True,
+              help="Column; prefix '-' for descending; auto: -p_in_window with --bandgap, "
+                   "else band_gap.")
 @click.option("--limit", type=int)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def query(results, bandgap, elements, exclude, formula, dos_at_ef, n_atoms, sort, limit, fmt):
+def query(results, bandgap, elements, exclude, formula, dos_at_ef, n_atoms, min_probability, sort,
+          limit, fmt):
     """Filter the predictions of a (possibly still running) screening job."""
     import sys
 
     from screener import store
 
-    rows = store.query(
+    rows = store.with_units(store.query(
         results, bandgap=bandgap, elements=_split(elements), exclude=_split(exclude), formula=formula,
-        dos_at_ef=dos_at_ef, n_atoms=n_atoms, sort=sort, limit=limit,
-    )
+        dos_at_ef=dos_at_ef, n_atoms=n_atoms, min_probability=min_probability, sort=sort,
+        limit=limit,
+    ))
     if fmt == "csv":
         store.write_csv(rows, sys.stdout)
     elif fmt == "json":
@@ -281,6 +314,12 @@ def evaluate_model(model_path, data_path, split, out_dir, batch_size, device, ga
     if g["n_known"]:
         click.echo(f"band gap from predicted DOS: MAE {g['gap_mae']:.3f} eV over {g['n_known']} "
                    f"known, confusion [ref metal, non-metal] x [pred metal, non-metal] {g['confusion']}")
+    if report["learned_gap"]:
+        lg = report["learned_gap"]
+        click.echo(f"learned band gap: MAE {lg['gap_mae']:.3f} eV over {lg['n_known']} reference "
+                   f"gaps, confusion [[metal, non-metal] x predicted] {lg['confusion']}; ECE of "
+                   f"P(metal) {lg['ece_p_metal']:.3f}, of P({lg['window'][0]:g}-"
+                   f"{lg['window'][1]:g} eV) {lg['ece_p_in_window']:.3f}")
     if report["gap_set"]:
         gs = report["gap_set"]
         click.echo(f"gap set ({gs['split']} split, {gs['n']} structures): band gap from predicted "
@@ -342,6 +381,32 @@ def train_command(data_path, out_dir, arch, latent, latent_sweep, overrides, **o
         click.echo(f"gap-set bounds excess on validation {metrics['val_gap_excess']:.5f}")
     click.echo(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}: validation MAE "
                f"{metrics['val_mae']:.4f} (baseline {metrics['baseline_val_mae']:.4f}) -> {out_dir}/model.pt")
+
+
+@main.command("gap-head")
+@click.option("--model", "model_file", callback=model_path, metavar="PATH|NAME", help=MODEL_HELP)
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The labelled training set the model trained on (.h5).")
+@click.option("--gaps", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="JARVIS records (json/json.gz) with optB88vdW gaps.")
+@click.option("--hold-out", multiple=True, type=click.Path(exists=True),
+              help="Structures to leave out, as in `screen train` (repeatable).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint to write: the model with its gap head.")
+@click.option("--members", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Ensemble members of the head.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def gap_head_command(model_file, data_path, gaps, hold_out, out, members, seed):
+    """Fit a learned band gap and P(metal) head on a trained D-ALIGNN, calibrated on validation."""
+    from screener import gap_fit
+
+    report = gap_fit.fit(model_file, data_path, gaps, out, hold_out=hold_out, members=members,
+                         seed=seed)
+    click.echo(f"validation ({report['n_val']} known gaps): gap MAE {report['val_gap_mae']:.3f} eV, "
+               f"metal/non-metal accuracy {report['val_metal_accuracy']:.3f}, ECE of P(metal) "
+               f"{report['val_ece_p_metal']:.3f}, of P(in {report['choice_window'][0]:g}-"
+               f"{report['choice_window'][1]:g} eV) {report['val_ece_p_in_window']:.3f}; "
+               f"default --min-probability {report['min_probability']:.2f} -> {out}")
 
 
 def _overrides(pairs: tuple[str, ...]) -> dict:

@@ -29,9 +29,10 @@ from screener.dos import ENERGY_GRID, GAP_THRESHOLD, band_gap
 from screener.gap_set import read_gap_set
 from screener.model.checkpoint import load_checkpoint
 from screener.plots import draw_dos
-from screener.predict import predict_dos
+from screener.predict import predict, predict_dos, prediction_columns
 from screener.store import file_sha256
 from screener.structures import Structure
+from screener.window import p_in_window
 
 SPLITS = ("train", "val", "test", "all")
 SYMPREC = 1e-3
@@ -43,7 +44,10 @@ FIGURES = {
     "quartile_spectra": "quartile_spectra.png",
     "gap_parity": "gap_parity.png",
     "binary_gap_map": "binary_gap_map.png",
+    "reliability": "reliability.png",
 }
+# The window whose P(in window) calibration the report scores: the screen benchmark's.
+CALIBRATION_WINDOW = (1.0, 2.0)
 
 
 def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
@@ -66,8 +70,10 @@ def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
         raise ValueError(f"split {split!r} of {data_path} holds no structures")
     every = read_structures(data_path)
     structures = [every[i] for i in rows]
-    pred = predict_dos(model, read_set_graphs(data_path, rows), batch_size, device)
+    prediction = predict(model, read_set_graphs(data_path, rows), batch_size, device)
+    pred = prediction.dos
     ref = ts.dos[rows]
+    learned = learned_gap_report(model, prediction, ts.ref_gap[rows])
 
     mae = metrics.spectrum_mae(pred, ref)
     re = metrics.relative_error(pred, ref)
@@ -83,6 +89,8 @@ def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
     figures, figure_notes = _figures(pred, ref, mae, re, summary, pred_gap, gaps, structures,
                                      ts, rows, split)
     notes += figure_notes
+    if learned:
+        figures["reliability"] = _reliability(learned)
     for name, fig in figures.items():
         fig.savefig(out / FIGURES[name], dpi=110)
 
@@ -95,6 +103,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
         "summary": summary,
         "band_gap": {"from_predicted_dos_threshold": GAP_THRESHOLD,
                      **(gaps if gaps["n_known"] else {"n_known": 0})},
+        "learned_gap": learned and {k: v for k, v in learned.items() if k != "curves"},
         "gap_set": gap_set,
         "by_energy": metrics.windowed_mae(pred, ref, baseline, ENERGY_GRID),
         "by_element": metrics.grouped_mae(mae, symbols),
@@ -105,6 +114,43 @@ def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
     (out / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2))
     (out / "index.html").write_text(report_html(report))
     return report
+
+
+def learned_gap_report(model, prediction, ref_gap: np.ndarray) -> dict | None:
+    """The gap head's gaps against the reference gaps, and the calibration of its P(metal)
+    and P(gap in CALIBRATION_WINDOW); None for a model without a gap head or structures
+    without a reference gap."""
+    if prediction.gaps is None or not np.isfinite(ref_gap).any():
+        return None
+    columns = prediction_columns(model, prediction)
+    known = np.isfinite(ref_gap)
+    ref = ref_gap[known]
+    p_metal = columns["p_metal"][known]
+    lo, hi = CALIBRATION_WINDOW
+    p_window = p_in_window(p_metal, columns["band_gap_mean"][known],
+                           columns["band_gap_std"][known], lo, hi)
+    metal, inside = ref < metrics.METAL_BELOW_EV, (ref >= lo) & (ref <= hi)
+    return {**metrics.gap_metrics(columns["band_gap"], ref_gap),
+            "window": list(CALIBRATION_WINDOW),
+            "ece_p_metal": metrics.expected_calibration_error(p_metal, metal),
+            "ece_p_in_window": metrics.expected_calibration_error(p_window, inside),
+            "curves": {"P(metal)": metrics.reliability(p_metal, metal),
+                       f"P({lo:g}-{hi:g} eV)": metrics.reliability(p_window, inside)}}
+
+
+def _reliability(learned: dict) -> Figure:
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="k", lw=0.8)
+    for (name, (mean_p, freq, count)), ece in zip(
+            learned["curves"].items(), (learned["ece_p_metal"], learned["ece_p_in_window"])):
+        used = count > 0
+        ax.plot(mean_p[used], freq[used], "o-", label=f"{name}, ECE {ece:.3f}")
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed frequency (reference gaps)")
+    ax.set_title(f"Reliability of the gap head (n = {learned['n_known']})")
+    ax.legend(fontsize=8)
+    return fig
 
 
 def gap_set_report(model, meta: dict, split: str, batch_size: int, device: str,
@@ -310,6 +356,11 @@ def report_html(report: dict) -> str:
     ]
     if g["n_known"]:
         parts.append(_confusion_table(g["confusion"]))
+    if report["learned_gap"]:
+        lg = report["learned_gap"]
+        parts += ["<h2>Learned band gap (gap head)</h2>",
+                  _table({k: v for k, v in lg.items() if not k.startswith("confusion")}),
+                  _confusion_table(lg["confusion"])]
     if report["gap_set"]:
         gs = report["gap_set"]
         parts += ["<h2>Band gap from the predicted DOS, gap-set structures</h2>",

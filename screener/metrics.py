@@ -110,3 +110,23 @@ def gap_metrics(
             [int(np.sum(~ref_metal & pred_metal)), int(np.sum(~ref_metal & ~pred_metal))],
         ],
     }
+
+
+def reliability(p: np.ndarray, outcome: np.ndarray, bins: int = 10
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean predicted probability, observed frequency, count) in each of `bins` equal-width
+    probability bins; empty bins give NaN."""
+    p, outcome = np.asarray(p, np.float64), np.asarray(outcome, np.float64)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(which, p, bins) / count
+        freq = np.bincount(which, outcome, bins) / count
+    return mean_p, freq, count
+
+
+def expected_calibration_error(p: np.ndarray, outcome: np.ndarray, bins: int = 10) -> float:
+    """Count-weighted mean |predicted probability - observed frequency| over the bins."""
+    mean_p, freq, count = reliability(p, outcome, bins)
+    used = count > 0
+    return float(np.sum(np.abs(mean_p[used] - freq[used]) * count[used]) / max(count.sum(), 1))

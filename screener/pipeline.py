@@ -16,13 +16,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 
 from screener import store
-from screener.dos import N_BINS
 from screener.structures import MAX_ATOMS, Failure, Source, Structure, discover, load
+
+if TYPE_CHECKING:
+    from screener.predict import Prediction
 
 Progress = Callable[[str, int], None]
 
@@ -167,39 +170,41 @@ class Predictor:
         The prediction shard repeats its graph shard's failures, so it accounts for every input
         of the chunk and a resumed run recognises it by its ids.
         """
-        from screener.predict import spectral_columns
+        from screener.model.domain import in_domain
+        from screener.predict import prediction_columns
 
         t0 = time.perf_counter()
         table, graphs, failures = store.read_graph_shard(graph_path)
-        dos, errors = self._predict(graphs, batch_size)
+        prediction, errors = self._predict(graphs, batch_size)
         failures += [Failure(str(table["ids"][i]), str(table["source"][i]), "predict", reason)
                      for i, reason in errors.items()]
         ok = np.ones(len(graphs), dtype=bool)
         ok[list(errors)] = False
         table = {key: np.asarray(col)[ok] for key, col in table.items()}
-        table.update(dos=dos[ok], **spectral_columns(dos[ok]))
+        table.update(dos=prediction.dos, **prediction_columns(self.model, prediction),
+                     in_domain=in_domain(self.meta.get("domain"),
+                                         [g["numbers"] for g, keep in zip(graphs, ok) if keep]))
         record = store.write_prediction_shard(out_path, table, failures, attrs)
         return {**record, "node": _node_id(), "seconds": time.perf_counter() - t0}
 
-    def _predict(self, graphs: list[dict], batch_size: int) -> tuple[np.ndarray, dict[int, str]]:
-        """Spectra, and why each graph that could not be predicted failed.
+    def _predict(self, graphs: list[dict], batch_size: int) -> tuple[Prediction, dict[int, str]]:
+        """Predictions of the graphs that could be predicted, in order, and why each other failed.
 
         When a batch fails, out of memory for instance (torch raises a RuntimeError, numpy a
         MemoryError), each graph is tried alone; outside the handler, so that the failed batch's
         tensors, held by the traceback, are freed first.
         """
-        from screener.predict import predict_dos
+        from screener.predict import concat, predict
 
         with contextlib.suppress(Exception):
-            return predict_dos(self.model, graphs, batch_size, self.device), {}
-        dos = np.zeros((len(graphs), N_BINS), dtype=np.float32)
-        errors = {}
+            return predict(self.model, graphs, batch_size, self.device), {}
+        done, errors = [], {}
         for i, graph in enumerate(graphs):
             try:
-                dos[i] = predict_dos(self.model, [graph], 1, self.device)[0]
+                done.append(predict(self.model, [graph], 1, self.device))
             except Exception as exc:  # noqa: BLE001 - this structure fails alone
                 errors[i] = f"prediction failed ({graph['numbers'].size} atoms): {_describe(exc)}"
-        return dos, errors
+        return concat(done), errors
 
 
 def _node_id() -> str | None:
@@ -265,7 +270,8 @@ def run(opts: RunOptions, on_progress: Progress | None = None) -> Summary:
     for kind in store.KINDS:
         (out / kind).mkdir(parents=True, exist_ok=True)
     model_info, ray_seconds = _checkpoint_while_connecting(opts.model, opts.address)
-    attrs = {"model_id": model_info["model_id"], "model_hash": model_info["hash"]}
+    attrs = {"model_id": model_info["model_id"], "model_hash": model_info["hash"],
+             "min_probability": model_info.get("gap_head", {}).get("min_probability", 0.5)}
     config = {"model_hash": model_info["hash"], "input": str(Path(opts.structures).resolve()),
               "shard_size": opts.shard_size, "max_atoms": opts.max_atoms}
     manifest = store.Manifest.open(out, config)

@@ -35,7 +35,9 @@ def plot_prediction(results: str | Path, structure_id: str, path: str | Path) ->
     row = find_prediction(results, structure_id)
     fig, ax = plt.subplots(figsize=(7, 4))
     draw_dos(ax, row["dos"], f"{structure_id} ({row['formula']}) predicted", row["vbm"], row["cbm"])
-    ax.set_title(f"{structure_id}  {row['formula']}  gap {row['band_gap']:.2f} eV")
+    ax.set_title(f"{structure_id}  {row['formula']}  learned gap {row['band_gap']:.2f} "
+                 f"± {row['band_gap_std']:.2f} eV, P(metal) {row['p_metal']:.2f}; "
+                 f"gap off the DOS {row['dos_band_gap']:.2f} eV", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -24,6 +24,7 @@ import numpy as np
 
 from screener.dos import ENERGY_GRID
 from screener.errors import ScreenerError
+from screener.window import p_in_window
 
 if TYPE_CHECKING:
     from screener.structures import Failure, Structure
@@ -37,8 +38,19 @@ STR = np.str_
 # A prediction shard's table is its graph shard's table plus the spectral columns.
 GRAPH_COLUMNS: dict[str, Any] = {"ids": STR, "source": STR, "formula": STR, "elements": STR,
                                  "n_atoms": np.int32}
-PREDICTION_COLUMNS: dict[str, Any] = {**GRAPH_COLUMNS, "band_gap": np.float32, "vbm": np.float32,
-                                      "cbm": np.float32, "dos_at_ef": np.float32, "dos": np.float32}
+PREDICTION_COLUMNS: dict[str, Any] = {
+    **GRAPH_COLUMNS, "band_gap": np.float32, "band_gap_std": np.float32, "p_metal": np.float32,
+    "dos_band_gap": np.float32, "vbm": np.float32, "cbm": np.float32, "dos_at_ef": np.float32,
+    "band_gap_mean": np.float32, "in_domain": np.bool_, "dos": np.float32}
+# The columns of a model without a gap head, from its band_gap (read off the spectrum, with
+# certainty 1, by a model whose domain was not recorded): what older shards lack.
+_DERIVED = {"dos_band_gap": lambda gap: gap, "band_gap_mean": lambda gap: gap,
+            "band_gap_std": np.zeros_like, "p_metal": lambda gap: (gap == 0).astype(np.float32),
+            "in_domain": lambda gap: np.ones(gap.shape, np.bool_)}
+# Units of the columns, in the names that tables and CSV files show them under.
+UNITS = {"band_gap": "eV", "band_gap_std": "eV", "band_gap_mean": "eV", "dos_band_gap": "eV",
+         "vbm": "eV", "cbm": "eV", "dos_at_ef": "per_eV_per_electron"}
+WINDOW_COLUMN = "p_in_window"
 FAILURE_FIELDS = ("ids", "sources", "stages", "reasons")
 RECORD_KEYS = ("kind", "n", "n_failed", "ids_sha256", "size", "sha256")
 REQUIRED_ATTRS = ("model_id", "model_hash")
@@ -147,6 +159,12 @@ def _read(dataset: h5py.Dataset) -> np.ndarray:
     if h5py.check_string_dtype(dataset.dtype) is not None:
         return np.asarray(dataset.asstr()[()], dtype=STR)
     return dataset[()]
+
+
+def _column(f: h5py.File, name: str) -> np.ndarray:
+    """A prediction shard's column; an older shard's missing one derived (_DERIVED)."""
+    return _read(f[name]) if name in f or name not in _DERIVED else _DERIVED[name](
+        _read(f["band_gap"]))
 
 
 def write_graphs(group: h5py.Group, graphs: list[dict]) -> None:
@@ -267,12 +285,16 @@ def empty_prediction_table() -> dict[str, np.ndarray]:
 
 def write_prediction_shard(path: str | Path, table: dict[str, Any], failures: Sequence[Failure],
                            attrs: dict[str, Any]) -> dict[str, Any]:
-    """Write one chunk's predictions (the columns of PREDICTION_COLUMNS).
+    """Write one chunk's predictions (the columns of PREDICTION_COLUMNS; a table without the
+    gap head's columns is a model's without one, see _DERIVED).
 
     `attrs` may carry the model's own energy_grid; dos.ENERGY_GRID otherwise.
     Returns the manifest record for Manifest.add.
     """
     attrs = {"energy_grid": ENERGY_GRID, **attrs}
+    if "band_gap" in table:
+        gap = np.asarray(table["band_gap"], np.float32)
+        table = {**{name: derive(gap) for name, derive in _DERIVED.items()}, **table}
     writer = ShardWriter(path, "predictions", attrs)
     columns = _columns(table, PREDICTION_COLUMNS, Path(path))
     n, width = len(columns["ids"]), len(attrs["energy_grid"])
@@ -499,7 +521,8 @@ def _read_snapshot(path: Path) -> dict[str, Any]:
     return data
 
 
-def _complete(results_dir: str | Path, kind: str) -> list[tuple[Path, dict]]:
+def complete_shards(results_dir: str | Path, kind: str = "predictions") -> list[tuple[Path, dict]]:
+    """(path, manifest record) of each complete shard of `kind`, in chunk order."""
     manifest = Manifest.load(results_dir)
     return [(manifest.dir / name, manifest.shards[name]) for name in manifest.complete(kind)]
 
@@ -509,7 +532,7 @@ def _concat(shards: list[tuple[Path, dict]], names: list[str], verify: bool,
     parts = []
     for path, info in shards:
         with _open_shard(path, "predictions", info, verify, model_hash) as f:
-            parts.append({name: _read(f[name]) for name in names})
+            parts.append({name: _column(f, name) for name in names})
     if not parts:
         empty = empty_prediction_table()
         return {name: empty[name] for name in names}
@@ -527,16 +550,17 @@ def read_predictions(results_dir: str | Path, columns: Iterable[str] | None = No
     if unknown:
         raise ValueError(f"unknown prediction columns {sorted(unknown)}; known: "
                          f"{list(PREDICTION_COLUMNS)}")
-    return _concat(_complete(results_dir, "predictions"), names, verify, model_hash)
+    return _concat(complete_shards(results_dir, "predictions"), names, verify, model_hash)
 
 
 def find_prediction(results_dir: str | Path, structure_id: str) -> dict[str, Any]:
     """Every column of one structure's prediction, reading only the ids of the other shards."""
-    for path, info in _complete(results_dir, "predictions"):
+    for path, info in complete_shards(results_dir, "predictions"):
         with _open_shard(path, "predictions", info) as f:
             hits = np.flatnonzero(_read(f["ids"]) == structure_id)
             if hits.size:
-                row = {name: _read(f[name])[hits[0]] for name in PREDICTION_COLUMNS if name != "dos"}
+                row = {name: _column(f, name)[hits[0]] for name in PREDICTION_COLUMNS
+                       if name != "dos"}
                 return {**row, "dos": f["dos"][hits[0]]}
     raise KeyError(f"{structure_id!r} has no prediction in {results_dir}")
 
@@ -545,7 +569,7 @@ def read_failures(results_dir: str | Path, verify: bool = False) -> list[Failure
     """Failure records of all complete shards, graph shards first; exact repeats dropped."""
     failures: list[Failure] = []
     for kind in KINDS:
-        for path, info in _complete(results_dir, kind):
+        for path, info in complete_shards(results_dir, kind):
             with _open_shard(path, kind, info, verify) as f:
                 failures += _read_failures(f)
     return list(dict.fromkeys(failures))
@@ -559,7 +583,7 @@ def _read_rows(shards: list[tuple[Path, dict]], names: list[str], rows: np.ndarr
         local = np.sort(rows[(rows >= start) & (rows < start + info["n"])] - start)
         if len(local):
             with _open_shard(path, "predictions", info, verify, model_hash) as f:
-                parts.append({name: _read(f[name])[local] for name in names})
+                parts.append({name: _column(f, name)[local] for name in names})
             found.append(local + start)
         start += info["n"]
     if not parts:
@@ -590,32 +614,47 @@ def _order(values: np.ndarray, descending: bool) -> np.ndarray:
 def query(results_dir: str | Path, bandgap: tuple[float | None, float | None] | None = None,
           elements: Iterable[str] = (), exclude: Iterable[str] = (), formula: str | None = None,
           dos_at_ef: tuple[float | None, float | None] | None = None,
-          n_atoms: tuple[int | None, int | None] | None = None, sort: str | None = "band_gap",
-          limit: int | None = None, with_dos: bool = False,
-          verify: bool = False, model_hash: str | None = None) -> dict[str, np.ndarray]:
+          n_atoms: tuple[int | None, int | None] | None = None, sort: str | None = "auto",
+          limit: int | None = None, with_dos: bool = False, min_probability: float | None = None,
+          in_domain_only: bool = False, verify: bool = False, model_hash: str | None = None) -> dict[str, np.ndarray]:
     """Rows of the complete predictions that pass every filter, sorted, at most `limit`.
 
-    Ranges are inclusive (lo, hi) with None for an open end; `elements` must all be present,
-    none of `exclude` may be; `sort` names a column, '-' prefix for descending, None keeps
-    chunk order. Only the filter and sort columns are read for every row; the other columns,
-    and the dos matrix when `with_dos`, only from shards holding a returned row.
+    `bandgap` keeps the rows whose P(gap in the window) (`p_in_window`, a column of the
+    result) is at least `min_probability`, by default the one the model chose on validation
+    (the shards' `min_probability`, else 0.5). `in_domain_only` drops structures outside the
+    model's applicability domain. Other ranges are inclusive (lo, hi) with None
+    for an open end; `elements` must all be present, none of `exclude` may be; `sort` names a
+    column (a name with its unit too), '-' prefix for descending, None keeps chunk order,
+    "auto" is -p_in_window with a window and band_gap without. Only the filter and sort
+    columns are read for every row; the other columns, and the dos matrix when `with_dos`,
+    only from shards holding a returned row.
     """
     columns = [c for c in PREDICTION_COLUMNS if c != "dos"]
-    sort_by = None if sort is None else sort.removeprefix("-")
-    if sort_by is not None and sort_by not in columns:
-        raise ValueError(f"cannot sort by {sort_by!r}; columns: {columns}")
+    if sort == "auto":
+        sort = f"-{WINDOW_COLUMN}" if bandgap is not None else "band_gap"
+    sort_by = None if sort is None else plain_name(sort.removeprefix("-"))
+    sortable = columns + ([WINDOW_COLUMN] if bandgap is not None else [])
+    if sort_by is not None and sort_by not in sortable:
+        raise ValueError(f"cannot sort by {sort_by!r}; columns: {sortable}")
     symbols = [(e, True) for e in _symbols(elements)] + [(e, False) for e in _symbols(exclude)]
-    ranges = {"band_gap": bandgap, "dos_at_ef": dos_at_ef, "n_atoms": n_atoms}
+    ranges = {"dos_at_ef": dos_at_ef, "n_atoms": n_atoms}
     ranges = {column: bounds for column, bounds in ranges.items() if bounds is not None}
-    wanted = {*ranges, sort_by, "formula" if formula is not None else None,
-              "elements" if symbols else None}
+    window = ("p_metal", "band_gap_mean", "band_gap_std") if bandgap is not None else ()
+    wanted = {*ranges, *window, sort_by, "formula" if formula is not None else None,
+              "elements" if symbols else None, "in_domain" if in_domain_only else None}
     filtered = [c for c in columns if c in wanted]
 
-    shards = _complete(results_dir, "predictions")  # once: a running job may add shards
+    shards = complete_shards(results_dir, "predictions")  # once: a running job may add shards
     table = _concat(shards, filtered, verify, model_hash)
     keep = np.ones(sum(info["n"] for _, info in shards), dtype=bool)
+    if bandgap is not None:
+        table[WINDOW_COLUMN] = p_in_window(*(table[c] for c in window), *bandgap)
+        threshold = default_min_probability(shards) if min_probability is None else min_probability
+        keep &= table[WINDOW_COLUMN] >= np.float32(threshold)
     for column, bounds in ranges.items():
         keep &= _in_range(table[column], bounds)
+    if in_domain_only:
+        keep &= table["in_domain"]
     if formula is not None:
         keep &= table["formula"] == formula
     if symbols:
@@ -627,9 +666,32 @@ def query(results_dir: str | Path, bandgap: tuple[float | None, float | None] | 
         rows = rows[_order(table[sort_by][rows], sort.startswith("-"))]
     rows = rows[:limit]
     rest = [c for c in columns if c not in filtered] + (["dos"] if with_dos else [])
-    found = {**{c: table[c][rows] for c in filtered},
+    found = {**{c: table[c][rows] for c in table},
              **_read_rows(shards, rest, rows, verify, model_hash)}
-    return {c: found[c] for c in [*columns, "dos"] if c in found}
+    order = [*columns[:5], *([WINDOW_COLUMN] if bandgap is not None else []), *columns[5:], "dos"]
+    return {c: found[c] for c in order if c in found}
+
+
+def default_min_probability(shards: list[tuple[Path, dict]]) -> float:
+    """The P(in window) a shortlist needs by default: the model's choice on validation, which
+    its prediction shards carry, or 0.5 for shards without one."""
+    for path, info in shards[:1]:
+        with _open_shard(path, "predictions", info) as f:
+            return float(f.attrs.get("min_probability", 0.5))
+    return 0.5
+
+
+def plain_name(column: str) -> str:
+    """A column's name without the unit that tables show it with (band_gap_eV -> band_gap)."""
+    for name, unit in UNITS.items():
+        if column == f"{name}_{unit}":
+            return name
+    return column
+
+
+def with_units(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows with each column named with its unit, as tables and CSV files show them."""
+    return {f"{c}_{UNITS[c]}" if c in UNITS else c: v for c, v in rows.items()}
 
 
 def _symbols(elements: Iterable[str]) -> list[str]:

@@ -537,7 +537,7 @@ def finish(checkpoint: Path, settings: dict, out: Path) -> dict:
     best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
     metrics = {"best_epoch": state["best_epoch"], "val_mae": state["best_val_mae"],
                "val_gap_excess": best.get("val_gap_excess", math.nan),
-               "baseline_val_mae": baseline_mae(data), "epochs_run": state["epoch"],
+               "baseline_val_mae": baseline_mae(data, settings["hold_out"]), "epochs_run": state["epoch"],
                "early_stopped": state["early_stopped"], "resumed_at": state["resumed_at"]}
     if settings["arch"] == "ae-alignn":
         metrics["reconstruction_val_mae"] = torch.load(settings["autoencoder"],
@@ -564,10 +564,12 @@ def gap_meta(settings: dict) -> dict | None:
             "split": SPLIT_METHOD, "exclude": settings["gap_exclude"], "weight": settings["gap_weight"]}
 
 
-def baseline_mae(data) -> float:
-    """Validation MAE of the mean training spectrum, the number a model has to beat."""
-    baseline = baseline_spectrum(data.dos[data.split["train"]])
-    return float(spectrum_mae(baseline, data.dos[data.split["val"]]).mean())
+def baseline_mae(data, hold_out: Sequence[str] = ()) -> float:
+    """Validation MAE of the mean training spectrum, the number a model has to beat, over the
+    rows training used (held-out ids left out)."""
+    train, val = (rows[~np.isin(data.ids[rows].astype(str), list(hold_out))]
+                  for rows in (data.split["train"], data.split["val"]))
+    return float(spectrum_mae(baseline_spectrum(data.dos[train]), data.dos[val]).mean())
 
 
 def write_metrics(out: Path, history: list[dict], metrics: dict) -> None:

@@ -46,8 +46,10 @@ class Verification:
         return int(self.rows["confirmed"].sum())
 
 
-def rank(gaps: np.ndarray, ids: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Row order for DFT: the predicted gap furthest inside the window first, ties by id.
+def rank(gaps: np.ndarray, ids: np.ndarray, window: tuple[float, float],
+         p_in_window: np.ndarray | None = None) -> np.ndarray:
+    """Row order for DFT: the likeliest in the window first (P to 0.001), then the predicted
+    gap furthest inside it, ties by id.
 
     "Furthest inside" is the distance to the nearer edge: for LO:HI the gap nearest the centre,
     for LO: the largest. ML gaps miss by tenths of an eV, so these are the structures most
@@ -57,7 +59,8 @@ def rank(gaps: np.ndarray, ids: np.ndarray, window: tuple[float, float]) -> np.n
     lo, hi = window
     gaps = np.asarray(gaps, dtype=float)
     margin = np.round(np.minimum(gaps - lo, hi - gaps), 3)
-    return np.lexsort((np.asarray(ids, dtype=str), -margin))
+    p = np.zeros(len(gaps)) if p_in_window is None else np.round(np.asarray(p_in_window, float), 3)
+    return np.lexsort((np.asarray(ids, dtype=str), -margin, -p))
 
 
 def verify(results_dir: str | Path, window: tuple[float, float], n: int,
@@ -66,7 +69,7 @@ def verify(results_dir: str | Path, window: tuple[float, float], n: int,
     """DFT-label the top `n` structures of the window's shortlist; write verify.h5, verify.csv."""
     results_dir = Path(results_dir)
     shortlist = store.query(results_dir, bandgap=window, sort=None)
-    top = rank(shortlist["band_gap"], shortlist["ids"], window)[:n]
+    top = rank(shortlist["band_gap"], shortlist["ids"], window, shortlist["p_in_window"])[:n]
     ids, sources = shortlist["ids"][top], shortlist["source"][top]
     labels = results_dir / LABELS
     labelling = label_inputs(load_inputs(shortlist_sources(ids, sources)), labels, settings,

@@ -33,7 +33,8 @@ TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 8, "angle_rbf": 8, "alignn_lay
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_checkpoint(path, build_model("d-alignn", TINY), {"arch": "d-alignn", "config": TINY})
+    save_checkpoint(path, build_model("d-alignn", {**TINY, "gap_members": 2}),
+                    {"arch": "d-alignn", "config": TINY})
     return str(path)
 
 

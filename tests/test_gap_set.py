@@ -101,12 +101,24 @@ def test_training_with_the_gap_set_lowers_its_bounds_excess(data_path, records):
 
 def test_hold_out_and_the_training_set_are_left_out(data_path, records, shared_data):  # noqa: F811
     path, _ = records
-    settings = training.gap_settings(data_path, path, [shared_data / "poscar"], 2.0)
+    held = training.held_out_ids([shared_data / "poscar"])
+    settings = training.gap_settings(data_path, path, held, 2.0)
     poscars = {source.id for source in discover(shared_data / "poscar")}
+    assert set(held) == poscars
     assert poscars <= set(settings["gap_exclude"]) and settings["gap_weight"] == 2.0
     assert len(settings["gaps_hash"]) == 64
     gap_set = read_gap_set(path, settings["gap_exclude"])
     assert not set(gap_set.ids) & set(settings["gap_exclude"])
+
+
+def test_hold_out_leaves_the_training_set_too(data_path):  # noqa: F811
+    data = training.read_training_set(data_path, graphs=False)
+    held = [str(data.ids[data.split["train"][0]]), str(data.ids[data.split["val"][0]])]
+    full = training.load_parts(str(data_path), 0, 1, lambda dos: dos)
+    kept = training.load_parts(str(data_path), 0, 1, lambda dos: dos, hold_out=held)
+    for before, after in zip(full, kept):
+        assert len(after.rows) == len(before.rows) - 1
+        assert not set(data.ids[after.rows].astype(str)) & set(held)
 
 
 def test_the_gap_split_does_not_follow_the_training_seed(data_path, records):  # noqa: F811

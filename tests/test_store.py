@@ -380,8 +380,10 @@ def results(tmp_path) -> Path:
 
 @pytest.mark.parametrize("criteria, expected", [
     ({}, "DFBAEC"),
-    ({"bandgap": (1.4, 1.6)}, "BAE"),
-    ({"bandgap": (1.5, None)}, "AEC"),
+    ({"bandgap": (1.4, 1.6)}, "ABE"),  # by P(in window), here 1 for each: stored order
+    ({"bandgap": (1.4, 1.6), "sort": "band_gap"}, "BAE"),
+    ({"bandgap": (1.4, 1.6), "sort": "-band_gap_eV"}, "EAB"),
+    ({"bandgap": (1.5, None)}, "ACE"),
     ({"elements": ["O"]}, "AEC"),
     ({"elements": ("Al", "O")}, "A"),
     ({"elements": "Al O"}, "A"),

@@ -32,7 +32,7 @@ def settings_for(data_path: Path, **changes) -> dict:
     return {"data": str(data_path), "data_hash": "test", "arch": "d-alignn", "latent": None,
             "config": TINY, "batch_size": 4, "lr": 1e-2, "epochs": 20, "patience": 20,
             "loss": "mse", "amp": False, "workers": 1, "seed": 0, "ae_epochs": 40, "gaps": None,
-            "gaps_hash": None, "gap_weight": None, "gap_exclude": None, **changes}
+            "gaps_hash": None, "gap_weight": None, "gap_exclude": None, "hold_out": [], **changes}
 
 
 def local_run(settings: dict):

@@ -113,7 +113,8 @@ def test_cli_verifies_and_prints_a_summary(shared_data, tiny_model, ray_local, t
     [row] = _table(out)
     assert row["id"] == "JVASP-91" and 4.0 < float(row["dft_gap"]) < 4.5
     assert read_training_set(out / LABELS, graphs=False).attrs["settings"] == {
-        "kpt_density": 2.5, "smearing": 0.01, "broadening": 0.1, "grid_spacing": 0.25}
+        "kpt_density": 2.5, "smearing": 0.01, "broadening": 0.1, "grid_spacing": 0.25,
+        "valence": "jarvis"}
 
 
 def test_verify_needs_a_window(tmp_path):

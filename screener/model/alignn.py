@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from screener.dos import N_BINS
+from screener.model.gap_head import GapHead
 
 MAX_Z = 118
 GATE_EPS = 1e-6
@@ -35,6 +36,7 @@ class ALIGNNConfig:
     outputs: int = N_BINS
     cutoff: float = 8.0
     atom_features: str = "cgcnn"
+    gap_members: int = 0
 
 
 @lru_cache(maxsize=1)
@@ -210,12 +212,22 @@ class ALIGNN(nn.Module):
         self.alignn_layers = nn.ModuleList(ALIGNNLayer(h) for _ in range(config.alignn_layers))
         self.gcn_layers = nn.ModuleList(EdgeGatedGraphConv(h) for _ in range(config.gcn_layers))
         self.fc = nn.Linear(h, config.outputs)
+        self.gap_head = (GapHead(h + config.outputs, config.gap_members)
+                         if config.gap_members else None)
 
     def config_dict(self) -> dict:
         return asdict(self.config)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, outputs) for a `to_tensors(collate(...))` batch."""
+        return self.head(self.pooled(batch))
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        out = self.fc(pooled)
+        return F.softplus(out) if self.nonnegative else out
+
+    def pooled(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, hidden): the mean over each structure's atoms of their last features."""
         numbers = batch["numbers"]
         bonds = adjacency(batch["edge_src"], batch["edge_dst"], len(numbers))
         angles = adjacency(batch["line_src"], batch["line_dst"], len(bonds[0]))
@@ -226,8 +238,7 @@ class ALIGNN(nn.Module):
             x, y, z = layer(x, y, z, bonds, angles, update_angles=i < len(self.alignn_layers))
         for i, conv in enumerate(self.gcn_layers, 1):
             x, y = conv(x, y, *bonds, update_edges=i < len(self.gcn_layers))
-        out = self.fc(mean_pool(x, batch["node_graph"], int(batch["n_graphs"])))
-        return F.softplus(out) if self.nonnegative else out
+        return mean_pool(x, batch["node_graph"], int(batch["n_graphs"]))
 
 
 def adjacency(src: torch.Tensor, dst: torch.Tensor, n_nodes: int) -> Edges:

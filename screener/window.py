@@ -1,0 +1,37 @@
+"""P(LO <= gap <= HI) from a predicted P(metal) and a non-metal gap's mean and spread.
+
+A metal's gap is 0; a non-metal's is a normal distribution (the gap head's calibrated
+ensemble mean and spread) cut off below metrics.METAL_BELOW_EV, the smallest gap a spectrum
+on the grid can show. A spread of 0 (a model without a gap head) makes the probability 1 or
+0: whether the point gap lies in the window, inclusive at float32 precision as queries are.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from screener.metrics import METAL_BELOW_EV
+
+_erf = np.frompyfunc(math.erf, 1, 1)  # numpy has no erf, and scipy slows `screen query`'s start
+
+
+def p_in_window(p_metal: np.ndarray, mean: np.ndarray, std: np.ndarray, lo: float | None,
+                hi: float | None) -> np.ndarray:
+    """Per structure, the probability that its gap lies in [lo, hi] eV (None: open end)."""
+    p_metal, mean, std = (np.asarray(a, np.float64) for a in (p_metal, mean, std))
+    lo_v = -np.inf if lo is None else float(lo)
+    hi_v = np.inf if hi is None else float(hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        def cdf(x: float) -> np.ndarray:
+            return 0.5 * (1.0 + _erf((x - mean) / (std * math.sqrt(2.0))).astype(np.float64))
+
+        floor = cdf(METAL_BELOW_EV)
+        inside = (cdf(hi_v) - cdf(max(lo_v, METAL_BELOW_EV))) / (1.0 - floor)
+    if hi_v < METAL_BELOW_EV:
+        inside = np.zeros_like(mean)
+    point = np.float32(mean)
+    exact = ((lo is None or point >= np.float32(lo)) & (hi is None or point <= np.float32(hi)))
+    inside = np.where(std > 0, np.clip(np.nan_to_num(inside), 0.0, 1.0), exact)
+    metal_inside = float(lo_v <= 0.0 <= hi_v)
+    return (p_metal * metal_inside + (1.0 - p_metal) * inside).astype(np.float32)
