@@ -409,7 +409,7 @@ def test_query_filters(results, criteria, expected):
 
 
 def test_query_reads_dos_rows_of_the_hits_only_when_asked(results):
-    rows = store.query(results, bandgap=(1.4, 1.6), with_dos=True)
+    rows = store.query(results, bandgap=(1.4, 1.6), with_dos=True, sort="band_gap")
     assert "".join(rows["ids"]) == "BAE"
     np.testing.assert_array_equal(rows["dos"][:, 0], [10, 0, 40])
     assert rows["dos"].shape == (3, len(ENERGY_GRID))
