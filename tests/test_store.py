@@ -463,6 +463,7 @@ def test_files_match_the_documented_layout(tmp_path):
                     assert ds.dtype == np.dtype(spec["dtype"]), name
                 assert ds.ndim == len(spec["shape"]), name
                 assert ds.compression == spec.get("compression"), name
-            wanted = {key for key, spec in layout["attrs"].items()
-                      if isinstance(spec, dict) and kind in spec.get("kinds", [kind])}
+                assert ds.fletcher32 == (ds.size > 0), name
+            wanted = {key for key, spec in layout["attrs"].items() if isinstance(spec, dict)
+                      and kind in spec.get("kinds", [kind]) and not spec.get("optional")}
             assert wanted <= set(f.attrs), kind
