@@ -54,7 +54,9 @@ DOS_CHUNK_ROWS = 256
 # HDF5's fletcher32 checksum, strings are fixed-length so that their bytes lie in those chunks
 # (variable-length strings live in a heap no checksum covers), and files are written in the
 # HDF5 1.10 format, whose object headers, and so numeric attributes, carry checksums too.
-# String attributes live in that heap as well: ATTRS_SHA256 holds a digest of all attributes.
+# Shards keep string attributes as fixed-length bytes in those headers too (read them with
+# `attr`): HDF5 loops forever on some damaged variable-length heaps. ATTRS_SHA256 holds a
+# digest of all attributes, for any a caller stores in that heap all the same.
 CHECKSUM = {"fletcher32": True}
 LIBVER = ("v110", "v110")
 ATTRS_SHA256 = "attrs_sha256"
@@ -140,7 +142,8 @@ class ShardWriter:
     def __enter__(self) -> h5py.File:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = h5py.File(self.tmp, "w", libver=LIBVER)
-        self.file.attrs.update(self.attrs)
+        self.file.attrs.update({key: np.bytes_(value.encode()) if isinstance(value, str) else value
+                                for key, value in self.attrs.items()})
         return self.file
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -344,7 +347,7 @@ def _open_shard(path: str | Path, kind: str | None = None, info: dict | None = N
     except OSError as err:
         raise SchemaError(f"{path}: unreadable HDF5 (truncated or damaged): {err}") from err
     with f, damage_named(path):
-        attrs = f.attrs
+        attrs = {key: attr(f, key) for key in f.attrs}
         if "schema_version" not in attrs or "kind" not in attrs:
             raise SchemaError(f"{path}: HDF5 file without schema_version/kind attributes: "
                               "not a dos-screener shard")
@@ -359,6 +362,12 @@ def _open_shard(path: str | Path, kind: str | None = None, info: dict | None = N
                               f"expected {model_hash!r}")
         check_attrs(f)
         yield f
+
+
+def attr(f: h5py.File, key: str) -> Any:
+    """An attribute of a shard, strings as str however they were stored; None if absent."""
+    value = f.attrs.get(key)
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def check_attrs(f: h5py.File) -> None:
@@ -381,7 +390,7 @@ def shard_info(path: str | Path) -> dict[str, Any]:
     """The manifest record of a complete shard, also for registering one found after a crash."""
     with _open_shard(path) as f:
         ids = list(_read(f["ids"])) + list(_read(f["failures/ids"]))
-        record = {"kind": str(f.attrs["kind"]), "n": len(f["ids"]),
+        record = {"kind": attr(f, "kind"), "n": len(f["ids"]),
                   "n_failed": len(f["failures/ids"]), "ids_sha256": ids_digest(ids)}
     return {**record, "size": Path(path).stat().st_size, "sha256": file_sha256(path)}
 
@@ -395,7 +404,7 @@ def checked_shard_info(path: str | Path, config: dict[str, Any]) -> dict[str, An
     """shard_info of a shard written with `config`, after reading every dataset in full, which
     checks each of its checksums."""
     with _open_shard(path) as f:
-        if f.attrs.get(CONFIG_ATTR) != config_attr(config):
+        if attr(f, CONFIG_ATTR) != config_attr(config):
             raise SchemaError(f"{path}: written by a run with other settings")
         _read_all(f)
     return shard_info(path)
@@ -627,7 +636,7 @@ def prepare_results_dir(results_dir: str | Path) -> Path:
     except OSError as err:
         problem = f"cannot make {out}: {err.strerror}"
     if problem:
-        raise ScreenerError(f"-o {out}: {problem}")
+        raise ScreenerError(f"{out}: {problem}")
     return out
 
 
