@@ -55,11 +55,9 @@ DOS_CHUNK_ROWS = 256
 # (variable-length strings live in a heap no checksum covers), and files are written in the
 # HDF5 1.10 format, whose object headers, and so numeric attributes, carry checksums too.
 # Shards keep string attributes as fixed-length bytes in those headers too (read them with
-# `attr`): HDF5 loops forever on some damaged variable-length heaps. ATTRS_SHA256 holds a
-# digest of all attributes, for any a caller stores in that heap all the same.
+# `attr`): HDF5 loops forever on some damaged variable-length heaps.
 CHECKSUM = {"fletcher32": True}
 LIBVER = ("v110", "v110")
-ATTRS_SHA256 = "attrs_sha256"
 CONFIG_ATTR = "run_config"
 LOCK = "run.lock"
 
@@ -147,8 +145,6 @@ class ShardWriter:
         return self.file
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.file.attrs[ATTRS_SHA256] = np.bytes_(attrs_digest(self.file.attrs))
         self.file.close()
         try:
             if exc_type is None:
@@ -156,13 +152,6 @@ class ShardWriter:
                 _replace_durably(self.tmp, self.path)
         finally:
             self.tmp.unlink(missing_ok=True)
-
-
-def attrs_digest(attrs: h5py.AttributeManager) -> str:
-    """sha256 of every attribute but the digest itself, values as JSON."""
-    values = {key: np.asarray(value).tolist() for key, value in attrs.items()
-              if key != ATTRS_SHA256}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def create_dataset(group: h5py.Group, name: str, data: Any, filters: dict) -> None:
@@ -347,34 +336,25 @@ def _open_shard(path: str | Path, kind: str | None = None, info: dict | None = N
     except OSError as err:
         raise SchemaError(f"{path}: unreadable HDF5 (truncated or damaged): {err}") from err
     with f, damage_named(path):
-        attrs = {key: attr(f, key) for key in f.attrs}
-        if "schema_version" not in attrs or "kind" not in attrs:
+        version, found = attr(f, "schema_version"), attr(f, "kind")
+        if version is None or found is None:
             raise SchemaError(f"{path}: HDF5 file without schema_version/kind attributes: "
                               "not a dos-screener shard")
-        if attrs["schema_version"] != SCHEMA_VERSION:
-            raise SchemaError(f"{path}: schema version {attrs['schema_version']}, this screener "
+        if version != SCHEMA_VERSION:
+            raise SchemaError(f"{path}: schema version {version}, this screener "
                               f"reads version {SCHEMA_VERSION}")
-        if kind is not None and attrs["kind"] != kind:
-            raise SchemaError(f"{path}: a {attrs['kind']!r} shard where a {kind!r} shard was "
-                              "expected")
-        if model_hash is not None and attrs.get("model_hash") != model_hash:
-            raise SchemaError(f"{path}: written by model hash {attrs.get('model_hash')!r}, "
+        if kind is not None and found != kind:
+            raise SchemaError(f"{path}: a {found!r} shard where a {kind!r} shard was expected")
+        if model_hash is not None and attr(f, "model_hash") != model_hash:
+            raise SchemaError(f"{path}: written by model hash {attr(f, 'model_hash')!r}, "
                               f"expected {model_hash!r}")
-        check_attrs(f)
         yield f
 
 
-def attr(f: h5py.File, key: str) -> Any:
-    """An attribute of a shard, strings as str however they were stored; None if absent."""
+def attr(f: h5py.Group, key: str) -> Any:
+    """An attribute, strings as str however they were stored; None if absent."""
     value = f.attrs.get(key)
     return value.decode() if isinstance(value, bytes) else value
-
-
-def check_attrs(f: h5py.File) -> None:
-    """Compare the attributes with their digest (ATTRS_SHA256; files written before it have none)."""
-    recorded = f.attrs.get(ATTRS_SHA256)
-    if recorded is not None and recorded.decode() != attrs_digest(f.attrs):
-        raise SchemaError(f"{f.filename}: attributes differ from their checksum: damaged")
 
 
 @contextmanager

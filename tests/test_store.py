@@ -545,12 +545,11 @@ def test_any_flipped_byte_is_an_error_naming_the_file_or_changes_nothing(tmp_pat
 
 
 def legacy_copy(source: Path, target: Path) -> None:
-    """`source` as the writers made shards before checksums: variable-length strings, no
-    filters but gzip, the earliest HDF5 format, no attribute digest."""
+    """`source` as the writers made shards before checksums: variable-length strings (string
+    attributes too), no filters but gzip, the earliest HDF5 format."""
     with h5py.File(source, "r") as old, h5py.File(target, "w") as new:
-        for key, value in old.attrs.items():
-            if key != store.ATTRS_SHA256:
-                new.attrs[key] = value
+        for key in old.attrs:
+            new.attrs[key] = store.attr(old, key)
 
         def copy(name, obj):
             if isinstance(obj, h5py.Dataset):
