@@ -50,13 +50,13 @@ def parse_elements(_ctx, _param, value: str | None) -> tuple[str, ...]:
 
 
 def results_folder(_ctx, _param, value: str) -> str:
-    """-o of `run`: made, and found writable, before Ray starts."""
-    from screener.store import prepare_results_dir
+    """-o of `run`: a folder that can be made or written, checked before Ray starts (and before
+    anything is made: other checks may still refuse the command)."""
+    from screener.store import results_dir_problem
 
-    try:
-        prepare_results_dir(value)
-    except ScreenerError as error:
-        raise click.BadParameter(str(error)) from None
+    problem = results_dir_problem(value)
+    if problem:
+        raise click.BadParameter(f"{value}: {problem}")
     return value
 
 
