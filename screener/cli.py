@@ -1,4 +1,5 @@
 """The `screen` command line: parse, call one function, print. Heavy imports stay inside commands."""
+import os
 from pathlib import Path
 
 import click
@@ -28,9 +29,46 @@ def parse_window(_ctx, _param, value: str | None) -> tuple[float, float] | None:
         return None
     try:
         lo, hi = value.split(":")
-        return (float(lo) if lo else float("-inf"), float(hi) if hi else float("inf"))
+        window = (float(lo) if lo else float("-inf"), float(hi) if hi else float("inf"))
     except ValueError:
         raise click.BadParameter(f"expected LO:HI such as 1.4:1.6, got {value!r}") from None
+    if window[0] != window[0] or window[1] != window[1]:
+        raise click.BadParameter(f"{value!r}: NaN is no bound; leave a side empty for none")
+    if window[0] > window[1]:
+        raise click.BadParameter(f"{value!r}: LO is above HI")
+    return window
+
+
+def parse_elements(_ctx, _param, value: str | None) -> tuple[str, ...]:
+    """'o, Fe' -> ('O', 'Fe'): symbols in any case, each an element."""
+    from screener.structures import element_symbol
+
+    try:
+        return tuple(element_symbol(v) for v in value.split(",") if v.strip()) if value else ()
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def results_folder(_ctx, _param, value: str) -> str:
+    """-o of `run`: a folder that can be made or written, checked before Ray starts (and before
+    anything is made: other checks may still refuse the command)."""
+    from screener.store import results_dir_problem
+
+    problem = results_dir_problem(value)
+    if problem:
+        raise click.BadParameter(f"{value}: {problem}")
+    return value
+
+
+def new_file(_ctx, _param, value: str | None) -> str | None:
+    """An output file's path: its folder exists and can be written, and it is not a folder."""
+    if value is not None:
+        path = Path(value)
+        if path.is_dir():
+            raise click.BadParameter(f"{value}: is a folder")
+        if not path.parent.resolve().is_dir() or not os.access(path.parent.resolve(), os.W_OK):
+            raise click.BadParameter(f"{value}: its folder does not exist or cannot be written")
+    return value
 
 
 def model_path(_ctx, _param, value: str | None) -> Path:
@@ -57,13 +95,15 @@ MODEL_HELP = ("Checkpoint file, `screen train` run folder, or a shipped model: d
 @main.command()
 @click.option("--structures", required=True, type=click.Path(exists=True), help="Folder, file or JARVIS json(.gz).")
 @click.option("--bandgap", callback=parse_window, help="Shortlist window in eV, LO:HI.")
-@click.option("-o", "--out", "out_dir", default="results", show_default=True, type=click.Path())
+@click.option("-o", "--out", "out_dir", default="results", show_default=True, type=click.Path(),
+              callback=results_folder)
 @click.option("--model", callback=model_path, metavar="PATH|NAME", help=MODEL_HELP)
 @click.option("--address", help="Ray cluster address ('auto', 'ray://host:10001'); default: a local Ray.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--workers", type=int, help="Prediction actors (default: one per GPU, else CPUs/2).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--shard-size", type=int, default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Prediction actors (default: one per GPU, else CPUs/2).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--strict", is_flag=True, help="Exit non-zero when any structure failed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--verify", "verify_top", type=click.IntRange(min=1), metavar="N",
@@ -97,6 +137,9 @@ def run(structures, bandgap, out_dir, model, address, device, workers, batch_siz
     )
     with progress_printer(disable=quiet) as on_progress:
         summary = pipeline.run(opts, on_progress)
+    if summary.manifest_rebuilt_because:
+        click.echo(f"  rebuilt the manifest from the intact shards: "
+                   f"{summary.manifest_rebuilt_because}", err=True)
     click.echo(
         f"read {summary.n_read}  failed {summary.n_failed}  predicted {summary.n_predicted}  "
         f"({summary.rate:.1f} structures/s, {summary.seconds:.1f} s; {summary.n_skipped_shards} shards resumed)"
@@ -161,8 +204,9 @@ def _verify(out_dir: str, bandgap: tuple[float, float], n: int, address: str | N
 @main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 @click.option("--bandgap", callback=parse_window, help="Gap window in eV, LO:HI.")
-@click.option("--elements", help="Comma-separated elements that must all be present.")
-@click.option("--exclude", help="Comma-separated elements that must be absent.")
+@click.option("--elements", callback=parse_elements,
+              help="Comma-separated elements that must all be present.")
+@click.option("--exclude", callback=parse_elements, help="Comma-separated elements that must be absent.")
 @click.option("--formula", help="Exact reduced formula, e.g. GaAs.")
 @click.option("--dos-at-ef", callback=parse_window, help="DOS at E_F window, LO:HI.")
 @click.option("--n-atoms", callback=parse_window, help="Atoms per cell, LO:HI.")
@@ -171,7 +215,7 @@ def _verify(out_dir: str, bandgap: tuple[float, float], n: int, address: str | N
 @click.option("--sort", default="auto", show_default=True,
               help="Column; prefix '-' for descending; auto: -p_in_window with --bandgap, "
                    "else band_gap.")
-@click.option("--limit", type=int)
+@click.option("--limit", type=click.IntRange(min=0))
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def query(results, bandgap, elements, exclude, formula, dos_at_ef, n_atoms, min_probability, sort,
           limit, fmt):
@@ -180,11 +224,15 @@ def query(results, bandgap, elements, exclude, formula, dos_at_ef, n_atoms, min_
 
     from screener import store
 
-    rows = store.with_units(store.query(
-        results, bandgap=bandgap, elements=_split(elements), exclude=_split(exclude), formula=formula,
-        dos_at_ef=dos_at_ef, n_atoms=n_atoms, min_probability=min_probability, sort=sort,
-        limit=limit,
-    ))
+    try:
+        rows = store.with_units(store.query(
+            results, bandgap=bandgap, elements=elements, exclude=exclude, formula=formula,
+            dos_at_ef=dos_at_ef, n_atoms=n_atoms, min_probability=min_probability, sort=sort,
+            limit=limit))
+    except store.UnknownColumn as error:
+        raise click.BadParameter(str(error), param_hint="'--sort'") from None
+    if len(rows["ids"]) == 0:
+        click.echo("0 matches", err=True)
     if fmt == "csv":
         store.write_csv(rows, sys.stdout)
     elif fmt == "json":
@@ -199,24 +247,24 @@ def failures(results):
     """List every structure that failed, with its file and reason."""
     from screener import store
 
-    for f in store.read_failures(results):
+    found = store.read_failures(results)
+    for f in found:
         click.echo(f"{f.id}\t{f.stage}\t{f.source}\t{f.reason}")
+    if not found:
+        click.echo("no failures", err=True)
 
 
 @main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 @click.argument("structure_id")
-@click.option("-o", "--out", "out_path", default=None, help="PNG path (default: <id>.png).")
+@click.option("-o", "--out", "out_path", default=None, callback=new_file,
+              help="PNG path (default: <id>.png).")
 def plot(results, structure_id, out_path):
     """Plot one predicted DOS with E_F, VBM and CBM marked."""
     from screener.plots import plot_prediction
 
     path = plot_prediction(results, structure_id, out_path or f"{structure_id}.png")
     click.echo(f"wrote {path}")
-
-
-def _split(value: str | None) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
 @main.group()

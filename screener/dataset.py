@@ -13,7 +13,8 @@ import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,11 +26,21 @@ from tqdm import tqdm
 from screener.dos import N_BINS, normalize, to_grid, valence_electrons
 from screener.errors import ScreenerError
 from screener.graphs import build_graph
-from screener.store import SchemaError, file_sha256, read_graphs, screener_version, write_graphs
+from screener.store import (
+    LIBVER,
+    SchemaError,
+    create_dataset,
+    damage_named,
+    file_sha256,
+    read_graphs,
+    screener_version,
+    write_graphs,
+)
 from screener.structures import Failure, Source, Structure, load, read_records
 
 SCHEMA_VERSION = 1
 KIND = "training_set"
+ATTRS_SHA256 = "attrs_sha256"
 SPLITS = ("train", "val", "test")
 FRACTIONS = (0.7, 0.1, 0.2)
 # How split_by_id assigns structures; recorded with every split it makes (older sets and
@@ -121,7 +132,7 @@ def write_training_set(path: str | Path, structures: list[Structure], dos: np.nd
               for s in tqdm(structures, desc="graphs", unit="structure", disable=None)]
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver=LIBVER) as f:
             _write(f, structures, graphs, dos, ref_gap, provenance, extra, seed)
         os.replace(tmp, path)
     finally:
@@ -146,34 +157,35 @@ def _check_inputs(structures, dos, ref_gap, extra) -> None:
 
 
 def _write(f: h5py.File, structures, graphs, dos, ref_gap, provenance, extra, seed) -> None:
-    text = h5py.string_dtype()
+    """Every dataset under the shards' checksums (store.create_dataset)."""
     f.attrs.update(kind=KIND, schema_version=SCHEMA_VERSION, n_structures=len(structures),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    screener_version=screener_version(), provenance=json.dumps(provenance))
-    f.create_dataset("ids", data=[s.id for s in structures], dtype=text)
-    f.create_dataset("formula", data=[s.formula for s in structures], dtype=text)
-    f.create_dataset("dos", data=dos, compression="gzip", chunks=(min(len(dos), 256), N_BINS))
-    f.create_dataset("ref_gap", data=ref_gap)
+    create_dataset(f, "ids", [s.id for s in structures], {})
+    create_dataset(f, "formula", [s.formula for s in structures], {})
+    create_dataset(f, "dos", dos, {"compression": "gzip", "chunks": (min(len(dos), 256), N_BINS)})
+    create_dataset(f, "ref_gap", ref_gap, {})
     _write_structures(f.create_group("structures"), structures)
     write_graphs(f.create_group("graphs"), graphs)
     split = f.create_group("split")
     split.attrs.update(seed=seed, fractions=FRACTIONS, method=SPLIT_METHOD)
     for name, indices in split_by_id([s.id for s in structures], seed).items():
-        split.create_dataset(name, data=indices.astype(np.int64))
+        create_dataset(split, name, indices.astype(np.int64), {})
     group = f.create_group("extra")
     for name, values in extra.items():
-        group.create_dataset(name, data=values)
+        create_dataset(group, name, values, {})
+    f.attrs[ATTRS_SHA256] = np.bytes_(_attrs_digest(f.attrs))
 
 
 def _write_structures(group: h5py.Group, structures: list[Structure]) -> None:
     """Cells as ragged arrays, so graphs can be rebuilt (another k, a fixed graph builder)."""
     sizes = np.array([len(s.numbers) for s in structures], dtype=np.int64)
-    group.create_dataset("lattice", data=np.stack([s.lattice for s in structures]))
-    group.create_dataset("positions", data=np.concatenate([s.positions for s in structures]),
-                         compression="gzip")
-    group.create_dataset("numbers", data=np.concatenate([s.numbers for s in structures]),
-                         compression="gzip")
-    group.create_dataset("atom_offsets", data=np.concatenate([[0], np.cumsum(sizes)]))
+    create_dataset(group, "lattice", np.stack([s.lattice for s in structures]), {})
+    create_dataset(group, "positions", np.concatenate([s.positions for s in structures]),
+                   {"compression": "gzip"})
+    create_dataset(group, "numbers", np.concatenate([s.numbers for s in structures]),
+                   {"compression": "gzip"})
+    create_dataset(group, "atom_offsets", np.concatenate([[0], np.cumsum(sizes)]), {})
 
 
 def read_training_set(path: str | Path, graphs: bool = True) -> TrainingSet:
@@ -217,17 +229,30 @@ def read_structures(path: str | Path) -> list[Structure]:
             for i, sid in enumerate(ids)]
 
 
-def _open(path: str | Path) -> h5py.File:
-    """Open a training set read-only, refusing anything that is not one of this version."""
+@contextmanager
+def _open(path: str | Path) -> Iterator[h5py.File]:
+    """Open a training set read-only, refusing anything that is not one of this version; damage
+    found while reading it (a failed checksum) is a SchemaError naming the file."""
     try:
         f = h5py.File(path, "r")
     except OSError as err:
         raise SchemaError(f"{path}: not a readable HDF5 training set ({err})") from err
-    problem = _layout_problem(f)
-    if problem:
-        f.close()
-        raise SchemaError(f"{path}: {problem}")
-    return f
+    with f, damage_named(path):
+        problem = _layout_problem(f)
+        if problem:
+            raise SchemaError(f"{path}: {problem}")
+        recorded = f.attrs.get(ATTRS_SHA256)  # absent from sets written before it
+        if recorded is not None and recorded.decode() != _attrs_digest(f.attrs):
+            raise SchemaError(f"{path}: attributes differ from their checksum: damaged")
+        yield f
+
+
+def _attrs_digest(attrs: h5py.AttributeManager) -> str:
+    """sha256 of every attribute but the digest itself: the string ones lie in a heap that no
+    HDF5 checksum covers."""
+    values = {key: np.asarray(value).tolist() for key, value in attrs.items()
+              if key != ATTRS_SHA256}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def _layout_problem(f: h5py.File) -> str | None:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
-from screener import store
+from screener import reaper, store
+from screener.errors import ScreenerError
 from screener.structures import MAX_ATOMS, Failure, Source, Structure, discover, load
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class Summary:
     n_predicted: int = 0
     n_skipped_shards: int = 0
     damaged: list[str] = field(default_factory=list)
+    manifest_rebuilt_because: str | None = None
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -227,18 +229,23 @@ def connect(address: str | None, worker_logs: bool = False, dashboard: bool = Fa
     serves the State API that Ray Train's placement-group monitor polls for the run's
     controller. Without its own, the monitor warns every second, and once another Ray's
     dashboard takes the default port it asks that one, does not find the controller there and
-    removes the run's placement group, which ends the training.
+    removes the run's placement group, which ends the training. A local Ray gets a watchdog
+    (screener.reaper) that ends its processes should this driver be killed.
     """
     if not ray.is_initialized():
         ray.init(address=address or None, include_dashboard=dashboard, log_to_driver=worker_logs)
+        if not address:
+            reaper.guard()
 
 
 def predictor_resources(device: str, workers: int | None) -> tuple[int, dict, int]:
     """Prediction actors to start, what each asks of Ray, and its torch threads.
 
-    GPU actors take one GPU each. CPU actors reserve only half the CPUs between them, so graph
-    tasks always find a free CPU (no deadlock), but run torch on all of them: graph building is
-    about ten times cheaper than prediction, so the cores would otherwise sit idle.
+    GPU actors take one GPU each. CPU actors reserve only half the CPUs between them (half of
+    the one CPU of a one-CPU Ray), so graph tasks always find a free CPU (no deadlock), but run
+    torch on all of them: graph building is about ten times cheaper than prediction, so the
+    cores would otherwise sit idle. More actors than that could never all start and the run
+    would wait for them forever, so asking for more is an error.
     """
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -246,9 +253,18 @@ def predictor_resources(device: str, workers: int | None) -> tuple[int, dict, in
     if device == "cuda" or (device == "auto" and gpus > 0):
         if gpus == 0:
             raise RuntimeError("--device cuda was asked for but the Ray cluster has no GPU")
+        _check_workers(workers, gpus, f"{gpus} GPU(s), one per prediction actor")
         return workers or gpus, {"num_gpus": 1, "num_cpus": 1}, 1
-    n = workers or max(1, cpus // 2)
-    return n, {"num_cpus": max(1, cpus // (2 * n))}, max(1, cpus // n)
+    most = max(1, cpus // 2)
+    _check_workers(workers, most, f"{cpus} CPU(s), of which prediction actors may take half")
+    n = workers or most
+    return n, {"num_cpus": cpus // (2 * n) or cpus / 2}, max(1, cpus // n)
+
+
+def _check_workers(workers: int | None, most: int, why: str) -> None:
+    if workers is not None and not 1 <= workers <= most:
+        raise ScreenerError(f"--workers {workers}: this Ray cluster can run 1 to {most} "
+                            f"prediction actors ({why})")
 
 
 SHIPPED_MODELS = {"d-alignn": "default_model.pt", "ae-alignn": "ae_model.pt"}
@@ -264,20 +280,25 @@ def shipped_model(name: str = "d-alignn") -> Path:
 
 
 def run(opts: RunOptions, on_progress: Progress | None = None) -> Summary:
-    """Screen every structure under `opts.structures`; resumable, see the module docstring."""
+    """Screen every structure under `opts.structures`; resumable, see the module docstring.
+
+    One run at a time writes a results dir (store.run_lock); its shards carry the run's config,
+    so that a damaged manifest is rebuilt from them (store.Manifest.open).
+    """
     t_start = time.perf_counter()
-    out = Path(opts.out_dir)
-    for kind in store.KINDS:
-        (out / kind).mkdir(parents=True, exist_ok=True)
-    model_info, ray_seconds = _checkpoint_while_connecting(opts.model, opts.address)
-    attrs = {"model_id": model_info["model_id"], "model_hash": model_info["hash"],
-             "min_probability": model_info.get("gap_head", {}).get("min_probability", 0.5)}
-    config = {"model_hash": model_info["hash"], "input": str(Path(opts.structures).resolve()),
-              "shard_size": opts.shard_size, "max_atoms": opts.max_atoms}
-    manifest = store.Manifest.open(out, config)
-    summary = Summary(stage_seconds={"ray_start": ray_seconds})
-    driver = _Driver(opts, manifest, attrs, summary, on_progress or (lambda stage, n: None))
-    driver.drive(chunks(discover(opts.structures), opts.shard_size))
+    out = store.prepare_results_dir(opts.out_dir)
+    with store.run_lock(out):
+        model_info, ray_seconds = _checkpoint_while_connecting(opts.model, opts.address)
+        config = {"model_hash": model_info["hash"], "input": str(Path(opts.structures).resolve()),
+                  "shard_size": opts.shard_size, "max_atoms": opts.max_atoms}
+        attrs = {"model_id": model_info["model_id"], "model_hash": model_info["hash"],
+                 "min_probability": model_info.get("gap_head", {}).get("min_probability", 0.5),
+                 store.CONFIG_ATTR: store.config_attr(config)}
+        manifest = store.Manifest.open(out, config)
+        summary = Summary(stage_seconds={"ray_start": ray_seconds},
+                          manifest_rebuilt_because=manifest.rebuilt_because)
+        driver = _Driver(opts, manifest, attrs, summary, on_progress or (lambda stage, n: None))
+        driver.drive(chunks(discover(opts.structures), opts.shard_size))
     summary.seconds = time.perf_counter() - t_start
     return summary
 

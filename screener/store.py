@@ -3,7 +3,9 @@
 A results directory holds ``manifest.json``, ``graphs/graphs-XXXXX.h5`` and
 ``predictions/predictions-XXXXX.h5`` (layout: schemas/shards.json). A shard is written to
 ``<name>.h5.tmp`` and renamed when complete, so a file under its final name is whole; the
-manifest records its size and sha256 so later damage is caught and names the file.
+manifest records its size and sha256 so later damage is caught and names the file. Every byte
+a reader uses is under a checksum HDF5 checks on each read (see CHECKSUM), so damage found
+later is an error naming the file, never a wrong value.
 """
 from __future__ import annotations
 
@@ -60,10 +62,28 @@ REQUIRED_ATTRS = ("model_id", "model_hash")
 GRAPH_FILTER = {"compression": "lzf"}
 PREDICTION_FILTER = {"compression": "gzip", "compression_opts": 4}
 DOS_CHUNK_ROWS = 256
+# Integrity on every read at the cost of a sum per chunk: each dataset with rows is chunked with
+# HDF5's fletcher32 checksum, strings are fixed-length so that their bytes lie in those chunks
+# (variable-length strings live in a heap no checksum covers), and files are written in the
+# HDF5 1.10 format, whose object headers, and so numeric attributes, carry checksums too.
+# Shards keep string attributes as fixed-length bytes in those headers too (read them with
+# `attr`): HDF5 loops forever on some damaged variable-length heaps.
+CHECKSUM = {"fletcher32": True}
+LIBVER = ("v110", "v110")
+CONFIG_ATTR = "run_config"
+LOCK = "run.lock"
 
 
 class SchemaError(ScreenerError):
     """A file that is not a readable shard of this schema: foreign, damaged or another version."""
+
+
+class ManifestDamaged(SchemaError):
+    """A manifest that cannot be read at all; a run rebuilds it from the shards (Manifest.open)."""
+
+
+class UnknownColumn(ValueError):
+    """A column name the prediction shards do not hold."""
 
 
 def shard_name(kind: str, index: int) -> str:
@@ -131,8 +151,9 @@ class ShardWriter:
 
     def __enter__(self) -> h5py.File:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.tmp, "w")
-        self.file.attrs.update(self.attrs)
+        self.file = h5py.File(self.tmp, "w", libver=LIBVER)
+        self.file.attrs.update({key: np.bytes_(value.encode()) if isinstance(value, str) else value
+                                for key, value in self.attrs.items()})
         return self.file
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -145,14 +166,17 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def _create(group: h5py.Group, name: str, data: np.ndarray, filters: dict) -> None:
-    """Create a dataset; str arrays become variable-length UTF-8, empty ones skip the filter."""
+def create_dataset(group: h5py.Group, name: str, data: Any, filters: dict) -> None:
+    """Create a dataset under CHECKSUM; str arrays become fixed-length UTF-8. Empty ones skip
+    the filters: they hold no bytes to check."""
+    data = np.asarray(data)
     if data.dtype.kind in "UO":
-        group.create_dataset(name, data=data.astype(object), dtype=h5py.string_dtype())
-    elif data.size == 0:
+        encoded = np.char.encode(data.astype(str), "utf-8")
+        data = encoded.astype(h5py.string_dtype("utf-8", max(1, encoded.dtype.itemsize)))
+    if data.size == 0:
         group.create_dataset(name, data=data)
     else:
-        group.create_dataset(name, data=data, **filters)
+        group.create_dataset(name, data=data, **filters, **CHECKSUM)
 
 
 def _read(dataset: h5py.Dataset) -> np.ndarray:
@@ -183,14 +207,14 @@ def write_graphs(group: h5py.Group, graphs: list[dict]) -> None:
                              f"neighbors {len(g['neighbors'])}, edge_vec {g['edge_vec'].shape}, "
                              f"angle_cos {len(g['angle_cos'])}")
     group.attrs["k"] = k
-    _create(group, "node_offsets", np.concatenate([[0], np.cumsum(n_nodes)]), {})
-    _create(group, "edge_offsets", np.concatenate([[0], np.cumsum(n_edges)]), {})
+    create_dataset(group, "node_offsets", np.concatenate([[0], np.cumsum(n_nodes)]), {})
+    create_dataset(group, "edge_offsets", np.concatenate([[0], np.cumsum(n_edges)]), {})
     fields = {"numbers": np.uint8, "neighbors": np.int32, "edge_vec": np.float32,
               "angle_cos": np.float32}
     for name, dtype in fields.items():
         parts = [np.asarray(g[name], dtype=dtype) for g in graphs]
         empty = np.empty((0, 3) if name == "edge_vec" else 0, dtype)
-        _create(group, name, np.concatenate(parts) if parts else empty, GRAPH_FILTER)
+        create_dataset(group, name, np.concatenate(parts) if parts else empty, GRAPH_FILTER)
 
 
 def read_graphs(group: h5py.Group, indices: Sequence[int] | np.ndarray | None = None) -> list[dict]:
@@ -226,7 +250,7 @@ def read_graphs(group: h5py.Group, indices: Sequence[int] | np.ndarray | None = 
 def _write_failures(f: h5py.File, failures: Sequence[Failure]) -> None:
     group = f.create_group("failures")
     for name, field in zip(FAILURE_FIELDS, ("id", "source", "stage", "reason")):
-        _create(group, name, np.array([getattr(x, field) for x in failures], dtype=STR), {})
+        create_dataset(group, name, np.array([getattr(x, field) for x in failures], dtype=STR), {})
 
 
 def _read_failures(f: h5py.File) -> list[Failure]:
@@ -271,7 +295,7 @@ def write_graph_shard(path: str | Path, structures: Sequence[Structure], graphs:
     writer = ShardWriter(path, "graphs", meta)
     with writer as f:
         for name, col in columns.items():
-            _create(f, name, col, {})
+            create_dataset(f, name, col, {})
         write_graphs(f.create_group("graphs"), graphs)
         _write_failures(f, failures)
     return writer.info
@@ -304,7 +328,7 @@ def write_prediction_shard(path: str | Path, table: dict[str, Any], failures: Se
     with writer as f:
         for name, col in columns.items():
             chunks = (min(n, DOS_CHUNK_ROWS), width) if name == "dos" else True
-            _create(f, name, col, {**PREDICTION_FILTER, "chunks": chunks})
+            create_dataset(f, name, col, {**PREDICTION_FILTER, "chunks": chunks})
         _write_failures(f, failures)
     return writer.info
 
@@ -333,33 +357,67 @@ def _open_shard(path: str | Path, kind: str | None = None, info: dict | None = N
         f = h5py.File(path, "r", locking=False)
     except OSError as err:
         raise SchemaError(f"{path}: unreadable HDF5 (truncated or damaged): {err}") from err
-    with f:
-        attrs = f.attrs
-        if "schema_version" not in attrs or "kind" not in attrs:
+    with f, damage_named(path):
+        version, found = attr(f, "schema_version"), attr(f, "kind")
+        if version is None or found is None:
             raise SchemaError(f"{path}: HDF5 file without schema_version/kind attributes: "
                               "not a dos-screener shard")
-        if attrs["schema_version"] != SCHEMA_VERSION:
-            raise SchemaError(f"{path}: schema version {attrs['schema_version']}, this screener "
+        if version != SCHEMA_VERSION:
+            raise SchemaError(f"{path}: schema version {version}, this screener "
                               f"reads version {SCHEMA_VERSION}")
-        if kind is not None and attrs["kind"] != kind:
-            raise SchemaError(f"{path}: a {attrs['kind']!r} shard where a {kind!r} shard was "
-                              "expected")
-        if model_hash is not None and attrs.get("model_hash") != model_hash:
-            raise SchemaError(f"{path}: written by model hash {attrs.get('model_hash')!r}, "
+        if kind is not None and found != kind:
+            raise SchemaError(f"{path}: a {found!r} shard where a {kind!r} shard was expected")
+        if model_hash is not None and attr(f, "model_hash") != model_hash:
+            raise SchemaError(f"{path}: written by model hash {attr(f, 'model_hash')!r}, "
                               f"expected {model_hash!r}")
-        try:
-            yield f
-        except (OSError, KeyError) as err:
-            raise SchemaError(f"{path}: damaged or incomplete shard: {err}") from err
+        yield f
+
+
+def attr(f: h5py.Group, key: str) -> Any:
+    """An attribute, strings as str however they were stored; None if absent."""
+    value = f.attrs.get(key)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@contextmanager
+def damage_named(path: str | Path) -> Iterator[None]:
+    """What h5py raises on a failed checksum or damaged metadata, as a SchemaError naming the file."""
+    try:
+        yield
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        raise SchemaError(f"{path}: damaged or incomplete shard: {err}") from err
 
 
 def shard_info(path: str | Path) -> dict[str, Any]:
     """The manifest record of a complete shard, also for registering one found after a crash."""
     with _open_shard(path) as f:
         ids = list(_read(f["ids"])) + list(_read(f["failures/ids"]))
-        record = {"kind": str(f.attrs["kind"]), "n": len(f["ids"]),
+        record = {"kind": attr(f, "kind"), "n": len(f["ids"]),
                   "n_failed": len(f["failures/ids"]), "ids_sha256": ids_digest(ids)}
     return {**record, "size": Path(path).stat().st_size, "sha256": file_sha256(path)}
+
+
+def config_attr(config: dict[str, Any]) -> str:
+    """A run's config as its shards keep it (CONFIG_ATTR), so that a lost manifest can be rebuilt."""
+    return json.dumps(config, sort_keys=True)
+
+
+def checked_shard_info(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """shard_info of a shard written with `config`, after reading every dataset in full, which
+    checks each of its checksums."""
+    with _open_shard(path) as f:
+        if attr(f, CONFIG_ATTR) != config_attr(config):
+            raise SchemaError(f"{path}: written by a run with other settings")
+        _read_all(f)
+    return shard_info(path)
+
+
+def _read_all(group: h5py.Group) -> None:
+    for obj in group.values():
+        if isinstance(obj, h5py.Group):
+            _read_all(obj)
+        else:
+            obj[()]
 
 
 def read_graph_shard(path: str | Path, info: dict | None = None, verify: bool = False
@@ -392,6 +450,7 @@ class Manifest:
         self.shards = shards
         self.generation = generation
         self.n_logged = n_logged
+        self.rebuilt_because: str | None = None
 
     @classmethod
     def create(cls, results_dir: str | Path, config: dict[str, Any]) -> Manifest:
@@ -414,8 +473,8 @@ class Manifest:
             try:
                 manifest._replay(journal)
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-                raise SchemaError(f"{manifest.dir / _journal_name(manifest.generation)}: "
-                                  f"damaged line: {err}") from err
+                raise ManifestDamaged(f"{manifest.dir / _journal_name(manifest.generation)}: "
+                                      f"damaged line: {err}") from err
             return manifest
         raise SchemaError(f"{Path(results_dir) / MANIFEST}: its journal keeps disappearing; "
                           f"is another run compacting it?")
@@ -426,17 +485,42 @@ class Manifest:
 
         Resuming with a different config (another model, another input) is refused, because the
         shards already listed would silently mix with the new ones. A resumed manifest starts a
-        new journal, so a line torn by the crash is never followed by new ones.
+        new journal, so a line torn by the crash is never followed by new ones. A missing or
+        damaged manifest is rebuilt from the shards (see `rebuild`).
         """
         config = json.loads(json.dumps(config))  # compare as stored: tuples become lists
         if not (Path(results_dir) / MANIFEST).exists():
-            return cls.create(results_dir, config)
-        manifest = cls.load(results_dir)
+            return cls.rebuild(results_dir, config)
+        try:
+            manifest = cls.load(results_dir)
+        except ManifestDamaged as damage:
+            manifest = cls.rebuild(results_dir, config)
+            manifest.rebuilt_because = str(damage)
+            return manifest
         changed = {key: (manifest.config.get(key), value) for key, value in config.items()
                    if manifest.config.get(key) != value}
         if changed:
             raise SchemaError(f"{manifest.dir / MANIFEST}: made by a run with other settings "
                               f"(was, now): {changed}; use a new results directory")
+        manifest._snapshot()
+        return manifest
+
+    @classmethod
+    def rebuild(cls, results_dir: str | Path, config: dict[str, Any]) -> Manifest:
+        """A new manifest listing each shard file written with `config` (its CONFIG_ATTR) whose
+        every checksum holds; the run makes the others again. Only the writing run may call it.
+        """
+        manifest = cls.create(results_dir, config)
+        for journal in manifest.dir.glob("manifest.*.jsonl"):
+            if journal.name != _journal_name(manifest.generation):
+                journal.unlink()
+        for kind in KINDS:
+            for path in sorted((manifest.dir / kind).glob(f"{kind}-*.h5")):
+                try:
+                    info = checked_shard_info(path, config)
+                except SchemaError:
+                    continue
+                manifest.shards[f"{kind}/{path.name}"] = info
         manifest._snapshot()
         return manifest
 
@@ -471,6 +555,8 @@ class Manifest:
         for line in lines:
             entry = json.loads(line)
             if "add" in entry:
+                if not _is_record(entry["info"]):
+                    raise KeyError(f"{entry['add']}: a record without {RECORD_KEYS}")
                 self.shards[entry["add"]] = entry["info"]
             else:
                 self.shards.pop(entry["discard"], None)
@@ -513,12 +599,66 @@ def _read_snapshot(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise SchemaError(f"{path}: missing: not a results directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SchemaError(f"{path}: not valid JSON: {err}") from err
-    if not isinstance(data, dict) or data.get("schema_version") != MANIFEST_VERSION:
-        found = data.get("schema_version") if isinstance(data, dict) else None
+        raise ManifestDamaged(f"{path}: not valid JSON: {err}") from err
+    found = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(found, int) and found != MANIFEST_VERSION:
         raise SchemaError(f"{path}: schema version {found!r}, this screener reads "
                           f"version {MANIFEST_VERSION}")
+    if (found != MANIFEST_VERSION or not isinstance(data.get("config"), dict)
+            or not isinstance(data.get("generation"), int)
+            or not isinstance(data.get("shards"), dict)
+            or not all(_is_record(info) for info in data["shards"].values())):
+        raise ManifestDamaged(f"{path}: not a manifest of version {MANIFEST_VERSION}: damaged")
     return data
+
+
+def _is_record(info: Any) -> bool:
+    return isinstance(info, dict) and all(key in info for key in RECORD_KEYS)
+
+
+def results_dir_problem(results_dir: str | Path) -> str | None:
+    """Why a results dir cannot be made or written at `results_dir`, in words; None if it can."""
+    path = Path(results_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK):
+        return f"cannot write in {existing} (read-only or no permission)"
+    return None
+
+
+def prepare_results_dir(results_dir: str | Path) -> Path:
+    """Make the results dir and its shard folders, or say in one line why they cannot be made."""
+    out = Path(results_dir)
+    problem = results_dir_problem(out)
+    try:
+        if problem is None:
+            for kind in KINDS:
+                (out / kind).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        problem = f"cannot make {out}: {err.strerror}"
+    if problem:
+        raise ScreenerError(f"{out}: {problem}")
+    return out
+
+
+@contextmanager
+def run_lock(results_dir: str | Path) -> Iterator[None]:
+    """Hold the results dir for the one run that writes it; another is refused at once. The lock
+    is the kernel's (flock), so it ends with its holder: a killed run's lock is free."""
+    from filelock import FileLock, Timeout
+
+    path = Path(results_dir) / LOCK
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ScreenerError(f"{results_dir}: another `screen run` is writing here (it holds "
+                            f"{path}); wait for it to end, or use another -o") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def complete_shards(results_dir: str | Path, kind: str = "predictions") -> list[tuple[Path, dict]]:
@@ -562,7 +702,7 @@ def find_prediction(results_dir: str | Path, structure_id: str) -> dict[str, Any
                 row = {name: _column(f, name)[hits[0]] for name in PREDICTION_COLUMNS
                        if name != "dos"}
                 return {**row, "dos": f["dos"][hits[0]]}
-    raise KeyError(f"{structure_id!r} has no prediction in {results_dir}")
+    raise ScreenerError(f"{structure_id!r} has no prediction in {results_dir}")
 
 
 def read_failures(results_dir: str | Path, verify: bool = False) -> list[Failure]:
@@ -594,13 +734,15 @@ def _read_rows(shards: list[tuple[Path, dict]], names: list[str], rows: np.ndarr
 
 
 def _in_range(values: np.ndarray, bounds: tuple[float | None, float | None]) -> np.ndarray:
-    """Inclusive at the stored precision: a bound of 1.4 keeps a float32 1.4."""
+    """Inclusive at the stored precision: a bound of 1.4 keeps a float32 1.4. Integers are
+    compared with the bound as given, which may be infinite or fractional."""
     lo, hi = bounds
+    cast = values.dtype.type if values.dtype.kind == "f" else float
     keep = np.ones(len(values), dtype=bool)
     if lo is not None:
-        keep &= values >= values.dtype.type(lo)
+        keep &= values >= cast(lo)
     if hi is not None:
-        keep &= values <= values.dtype.type(hi)
+        keep &= values <= cast(hi)
     return keep
 
 
@@ -629,13 +771,14 @@ def query(results_dir: str | Path, bandgap: tuple[float | None, float | None] | 
     columns are read for every row; the other columns, and the dos matrix when `with_dos`,
     only from shards holding a returned row.
     """
-    columns = [c for c in PREDICTION_COLUMNS if c != "dos"]
+    shards = complete_shards(results_dir, "predictions")  # once: a running job may add shards
+    columns = _row_columns(shards, verify, model_hash)
     if sort == "auto":
         sort = f"-{WINDOW_COLUMN}" if bandgap is not None else "band_gap"
     sort_by = None if sort is None else plain_name(sort.removeprefix("-"))
     sortable = columns + ([WINDOW_COLUMN] if bandgap is not None else [])
     if sort_by is not None and sort_by not in sortable:
-        raise ValueError(f"cannot sort by {sort_by!r}; columns: {sortable}")
+        raise UnknownColumn(f"cannot sort by {sort_by!r}; columns: {', '.join(sortable)}")
     symbols = [(e, True) for e in _symbols(elements)] + [(e, False) for e in _symbols(exclude)]
     ranges = {"dos_at_ef": dos_at_ef, "n_atoms": n_atoms}
     ranges = {column: bounds for column, bounds in ranges.items() if bounds is not None}
@@ -643,8 +786,6 @@ def query(results_dir: str | Path, bandgap: tuple[float | None, float | None] | 
     wanted = {*ranges, *window, sort_by, "formula" if formula is not None else None,
               "elements" if symbols else None, "in_domain" if in_domain_only else None}
     filtered = [c for c in columns if c in wanted]
-
-    shards = complete_shards(results_dir, "predictions")  # once: a running job may add shards
     table = _concat(shards, filtered, verify, model_hash)
     keep = np.ones(sum(info["n"] for _, info in shards), dtype=bool)
     if bandgap is not None:
@@ -692,6 +833,22 @@ def plain_name(column: str) -> str:
 def with_units(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The rows with each column named with its unit, as tables and CSV files show them."""
     return {f"{c}_{UNITS[c]}" if c in UNITS else c: v for c, v in rows.items()}
+
+
+def _row_columns(shards: list[tuple[Path, dict]], verify: bool, model_hash: str | None
+                 ) -> list[str]:
+    """The one-value-per-row columns the shards hold (those of PREDICTION_COLUMNS first, in its
+    order; those an older shard lacks are derived, see _DERIVED), read from the first shard, so
+    that columns a newer model adds are queried too."""
+    names = [c for c in PREDICTION_COLUMNS if c != "dos"]
+    if shards:
+        path, info = shards[0]
+        with _open_shard(path, "predictions", info, verify, model_hash) as f:
+            held = sorted(name for name, obj in f.items()
+                          if isinstance(obj, h5py.Dataset) and obj.ndim == 1)
+        names = ([c for c in names if c in held or c in _DERIVED]
+                 + [c for c in held if c not in names])
+    return names
 
 
 def _symbols(elements: Iterable[str]) -> list[str]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import itertools
 import json
 import os
 import re
+import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +28,10 @@ MIN_VOLUME_PER_ATOM = 1e-3
 MAX_LENGTH = 1e4
 MAX_OBLIQUITY = 30.0
 MAX_IMAGE_POINTS = 5_000_000  # periodic images x atoms for the closest-pair check: ~0.5 GB
+# Reads stop here, so no input can exhaust a worker's memory: a POSCAR of MAX_ATOMS atoms is
+# about 0.3 MB; a JSON record list (after gunzip) is parsed whole in the driver.
+MAX_FILE_BYTES = 64 << 20
+MAX_RECORDS_BYTES = 2 << 30
 FILE_TYPES = "POSCAR*, CONTCAR*, *.vasp, *.poscar, *.cif, *.xyz, *.extxyz, *.json, *.json.gz"
 
 _ID_PREFIX = re.compile(r"^(POSCAR|CONTCAR)[-_]")
@@ -130,7 +136,11 @@ def _walk(folder: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
     with os.scandir(folder) as scan:
         entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
     for entry in entries:
-        if entry.is_dir():
+        try:
+            is_dir = entry.is_dir()
+        except OSError:  # a symlink loop: `load` reports it as this input's failure
+            is_dir = False
+        if is_dir:
             yield from _walk(Path(entry.path), seen)
         else:
             yield Path(entry.path)
@@ -188,20 +198,23 @@ def read_records(file: str | Path) -> list:
     `discover` read. A file that cannot be read raises its OSError as is; content that is not a
     list of records raises a ValueError whose message says what is wrong."""
     file = Path(file)
-    return _parse_records(file.read_bytes(), file.name)
+    return _parse_records(_read_limited(file, MAX_RECORDS_BYTES), file.name)
 
 
 def _records(file: Path) -> list:
     """`read_records` for `discover` and `load`, where an unreadable file is a problem too."""
-    return _parse_records(_read_bytes(file), file.name)
+    return _parse_records(_read_bytes(file, MAX_RECORDS_BYTES), file.name)
 
 
 def _parse_records(data: bytes, name: str) -> list:
     if name.lower().endswith(".gz"):
         try:
-            data = gzip.decompress(data)
+            data = gzip.GzipFile(fileobj=io.BytesIO(data)).read(MAX_RECORDS_BYTES + 1)
         except (OSError, EOFError, zlib.error) as error:
             raise _Problem("read", f"not readable gzip data: {error}") from error
+        if len(data) > MAX_RECORDS_BYTES:
+            raise _Problem("read", f"more than {MAX_RECORDS_BYTES >> 20} MiB of JSON once "
+                                   "decompressed (MAX_RECORDS_BYTES): split the file")
     text = _decode(data)
     try:
         records = json.loads(text)
@@ -222,17 +235,45 @@ def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if kind == "json":
         _records(path)
         raise _Problem("read", "a JSON record list is loaded per record: use discover()")
-    text = _decode(_read_bytes(path))
+    text = _decode(_read_bytes(path, MAX_FILE_BYTES))
     if not text.strip():
         raise _Problem("validate", "empty file")
     return {"poscar": _parse_poscar, "cif": _parse_cif, "xyz": _parse_xyz}[kind](text)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, limit: int) -> bytes:
     try:
-        return path.read_bytes()
+        return _read_limited(path, limit)
     except OSError as error:
         raise _Problem("read", f"cannot read file: {error}") from error
+
+
+def _read_limited(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Anything else is refused before it
+    is read: a FIFO or a device would block or never end, and a socket cannot be opened. The
+    open does not block and the check is made again on what was opened, in case the path was
+    replaced in between."""
+    kind = _not_regular(os.stat(path).st_mode)
+    if kind is None:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        with os.fdopen(fd, "rb") as fh:
+            kind = _not_regular(os.fstat(fd).st_mode)
+            data = b"" if kind else fh.read(limit + 1)
+    if kind:
+        raise _Problem("read", f"{kind}, not a regular file")
+    if len(data) > limit:
+        raise _Problem("read", f"larger than the {limit >> 20} MiB limit for this kind of input")
+    return data
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a file that is not a regular file is, in words; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISDIR: "a folder"}
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
 
 
 def _decode(data: bytes) -> str:
@@ -530,11 +571,23 @@ def _atomic_numbers(symbols: list[str]) -> np.ndarray:
     return np.array([numbers[symbol] for symbol in symbols], dtype=np.int64)
 
 
+def element_symbol(text: str) -> str:
+    """The element symbol `text` names in any letter case ('o' -> 'O', 'CL' -> 'Cl'); a
+    ValueError for a name that is no element jarvis knows."""
+    symbol = text.strip().capitalize()
+    if symbol not in _element_tables()[0]:
+        raise ValueError(f"{text!r} is not an element symbol")
+    return symbol
+
+
 @functools.cache
 def _element_tables() -> tuple[dict[str, int], dict[int, str], dict[int, float]]:
-    """symbol -> Z, Z -> symbol, Z -> electronegativity, for the elements jarvis knows."""
-    from jarvis.core.specie import chem_data
+    """symbol -> Z, Z -> symbol, Z -> electronegativity, for the elements jarvis knows; read
+    from jarvis' own table file, because importing jarvis.core.specie loads much more, and the
+    CLI checks element symbols too."""
+    from importlib.resources import files
 
+    chem_data = json.loads(files("jarvis.core").joinpath("Elements.json").read_text())
     numbers = {symbol: int(data["Z"]) for symbol, data in chem_data.items()}
     return (numbers, {z: symbol for symbol, z in numbers.items()},
             {int(data["Z"]): float(data["X"]) for data in chem_data.values()})

@@ -272,3 +272,38 @@ def test_a_structure_too_big_for_the_memory_left_fails_alone(shared_data, tiny_m
     assert failure.reason.startswith(f"prediction failed ({big.num_atoms} atoms): RuntimeError")
     assert "can't allocate memory" in failure.reason
     assert sorted(complete_ids(out)) == sorted(s.id for s in discover(inputs))
+
+
+def test_a_garbage_manifest_is_rebuilt_and_only_the_rest_recomputed(ray_local, small_folder,
+                                                                    tiny_model, tmp_path):
+    out = tmp_path / "r"
+    opts = RunOptions(str(small_folder), out, tiny_model, shard_size=8, workers=1)
+    run(opts)
+    before = store.read_predictions(out, columns=["ids", "band_gap"])
+    damaged = out / store.shard_name("predictions", 1)
+    flip_byte(damaged)
+    (out / store.MANIFEST).write_bytes(b"\x00" * 100)
+    result = CliRunner().invoke(main, ["query", str(out)])
+    assert result.exit_code == 1 and "manifest.json: not valid JSON" in result.output
+
+    again = run(opts)
+    assert again.manifest_rebuilt_because.startswith(f"{out / store.MANIFEST}: not valid JSON")
+    assert again.n_skipped_shards == 1 and again.n_read == N_SMALL
+    after = store.read_predictions(out, columns=["ids", "band_gap"], verify=True)
+    assert after["ids"].tolist() == before["ids"].tolist()
+    np.testing.assert_array_equal(after["band_gap"], before["band_gap"])
+    assert sorted(complete_ids(out)) == sorted(before["ids"])
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_more_workers_than_the_cluster_can_place_is_an_error_before_any_work(
+        ray_local, small_folder, tiny_model, tmp_path, workers):
+    out = tmp_path / "r"
+    result = CliRunner().invoke(main, ["run", "--structures", str(small_folder), "--model",
+                                       str(tiny_model), "-o", str(out), "--quiet",
+                                       "--workers", str(workers)])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: --workers {workers}: this Ray cluster can run 1 to 1 "
+                             "prediction actors (2 CPU(s), of which prediction actors may take "
+                             "half)\n")
+    assert not list((out / "graphs").iterdir()) and not list((out / "predictions").iterdir())

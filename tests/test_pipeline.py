@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import all_ids, complete_ids, screen_cmd
+from conftest import all_ids, complete_ids, kill_group, screen_cmd
 
 from screener import store
 from screener.cli import main
 from screener.model import CheckpointError
 from screener.pipeline import RunOptions, run
+from screener.structures import discover
 
 
 def test_poscar_folder_completes_exactly_once(ray_local, shared_data, tiny_model, tmp_path):
@@ -58,7 +59,12 @@ def broken_folder(shared_data: Path, root: Path) -> dict[str, str]:
         "loop_\n_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n"
         "_atom_site_fract_z\n_atom_site_occupancy\nFe1 Fe 0 0 0 0.5\nO1 O 0.5 0.5 0.5 1.0\n"
     )
-    return {"empty": "empty", "junk": "binary", "truncated": "", "overlap": "0.5", "partial": "occupan"}
+    os.mkfifo(root / "POSCAR-fifo")
+    os.symlink(root / "POSCAR-self", root / "POSCAR-self")
+    os.symlink(root / "b.vasp", root / "a.vasp")
+    os.symlink(root / "a.vasp", root / "b.vasp")
+    return {"empty": "empty", "junk": "binary", "truncated": "", "overlap": "0.5", "partial": "occupan",
+            "fifo": "a fifo", "self": "symbolic links", "a": "symbolic links", "b": "symbolic links"}
 
 
 def test_broken_files_become_failures_and_good_ones_survive(ray_local, shared_data, tiny_model, tmp_path):
@@ -70,10 +76,12 @@ def test_broken_files_become_failures_and_good_ones_survive(ray_local, shared_da
     for fid, words in expected.items():
         assert words in failures[fid].reason.lower(), failures[fid]
         assert failures[fid].source.endswith(Path(failures[fid].source).name)
-    assert summary.n_predicted == 6 and summary.n_failed == 5
+    assert summary.n_predicted == 6 and summary.n_failed == 9
+    assert sorted(complete_ids(out)) == sorted([*expected, *(s.id for s in discover(tmp_path / "mixed")
+                                                             if s.id not in expected)])
     result = CliRunner().invoke(main, ["run", "--structures", str(tmp_path / "mixed"), "--model",
                                        str(tiny_model), "-o", str(out), "--shard-size", "4", "--strict", "--quiet"])
-    assert result.exit_code != 0 and "5 structures failed" in result.output
+    assert result.exit_code != 0 and "9 structures failed" in result.output
 
 
 @pytest.mark.slow
@@ -114,3 +122,49 @@ def test_query_and_plot_commands(ray_local, shared_data, tiny_model, tmp_path):
     result = runner.invoke(main, ["plot", str(out), first, "-o", str(png)])
     assert result.exit_code == 0, result.output
     assert png.stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_a_killed_drivers_ray_processes_do_not_outlive_it(shared_data, tiny_model, tmp_path):
+    """Only the driver is killed (kill -9), as a user would; `ps` then finds none of the
+    processes below it, the Ray agents included, a few seconds later."""
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(screen_cmd("--structures", str(shared_data / "poscar"), "--model",
+                                       str(tiny_model), "-o", str(out), "--shard-size", "16",
+                                       "--workers", "1"), start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((out / "predictions").glob("*.h5")):
+            time.sleep(0.5)
+        below = below_in_ps(proc.pid)
+        assert any(b"ray::DashboardAgent" in cmd or b"ray::RuntimeEnvAgent" in cmd
+                   for cmd in below.values()), below
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and set(below) & set(ps()):
+            time.sleep(0.5)
+        assert not set(below) & set(ps()), {pid: below[pid] for pid in set(below) & set(ps())}
+    finally:
+        kill_group(proc)
+
+
+def ps() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, command) of every process, as `ps` lists them."""
+    lines = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True,
+                           check=True).stdout.splitlines()
+    rows = [(line.split(None, 2) + [b""])[:3] for line in lines]
+    return {int(pid): (int(ppid), cmd) for pid, ppid, cmd in rows}
+
+
+def below_in_ps(root: int) -> dict[int, bytes]:
+    """Command of every process below `root`."""
+    table = ps()
+    found, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, cmd) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = cmd
+                todo.append(pid)
+    return found

@@ -113,7 +113,7 @@ def test_graph_shard_round_trip_with_attrs_and_record(tmp_path):
                     "sha256": store.file_sha256(path)}
     assert store.shard_info(path) == info
     with h5py.File(path, "r") as f:
-        attrs = dict(f.attrs)
+        attrs = {key: store.attr(f, key) for key in f.attrs}
     assert attrs["schema_version"] == store.SCHEMA_VERSION and attrs["kind"] == "graphs"
     assert attrs["model_id"] == ATTRS["model_id"] and attrs["model_hash"] == ATTRS["model_hash"]
     assert attrs["k"] == K and attrs["screener_version"]
@@ -395,6 +395,8 @@ def results(tmp_path) -> Path:
     ({"dos_at_ef": (0.4, None)}, "DF"),
     ({"dos_at_ef": (0.01, 0.5)}, "FE"),
     ({"n_atoms": (2, 6)}, "BEC"),
+    ({"n_atoms": (5, float("inf"))}, "AE"),
+    ({"n_atoms": (1.5, 4.5)}, "BC"),
     ({"bandgap": (1, 2), "elements": ["O"], "n_atoms": (None, 8)}, "E"),
     ({"sort": "-band_gap"}, "CEABDF"),
     ({"sort": "formula"}, "FADBEC"),
@@ -465,6 +467,185 @@ def test_files_match_the_documented_layout(tmp_path):
                     assert ds.dtype == np.dtype(spec["dtype"]), name
                 assert ds.ndim == len(spec["shape"]), name
                 assert ds.compression == spec.get("compression"), name
-            wanted = {key for key, spec in layout["attrs"].items()
-                      if isinstance(spec, dict) and kind in spec.get("kinds", [kind])}
+                assert ds.fletcher32 == (ds.size > 0), name
+            wanted = {key for key, spec in layout["attrs"].items() if isinstance(spec, dict)
+                      and kind in spec.get("kinds", [kind]) and not spec.get("optional")}
             assert wanted <= set(f.attrs), kind
+
+
+def test_query_sorts_by_any_column_the_shards_hold(tmp_path):
+    """A newer model's extra column (a learned gap, say) is a column like the others."""
+    Manifest.create(tmp_path, {})
+    table = {name: np.asarray(col) for name, col in prediction_table(ids=["a", "b", "c"]).items()}
+    table["learned_gap"] = np.array([0.5, 2.0, 1.0], dtype=np.float32)
+    path = tmp_path / shard_name("predictions", 0)
+    with ShardWriter(path, "predictions", ATTRS) as f:
+        for name, column in table.items():
+            store.create_dataset(f, name, column, {})
+        store.create_dataset(f.create_group("failures"), "ids", np.array([], dtype=str), {})
+    Manifest.load(tmp_path).add(shard_name("predictions", 0), store.shard_info(path))
+    rows = store.query(tmp_path, sort="-learned_gap")
+    assert list(rows["ids"]) == ["b", "c", "a"] and list(rows)[-1] == "learned_gap"
+    with pytest.raises(store.UnknownColumn, match="cannot sort by 'nonexistent'; columns: ids, "
+                                                  ".*, learned_gap$"):
+        store.query(tmp_path, sort="nonexistent")
+
+
+def flip(path: Path, offset: int, mask: int = 0x01, length: int = 1) -> bytes:
+    """Flip bits of `length` bytes at `offset`; returns the file's bytes before."""
+    data = path.read_bytes()
+    damaged = bytearray(data)
+    for i in range(offset, offset + length):
+        damaged[i] ^= mask
+    path.write_bytes(bytes(damaged))
+    return data
+
+
+def everything(results: Path) -> tuple:
+    """All a reader can get from a results dir: every column, failure and attribute."""
+    ((path, _),) = store.complete_shards(results, "predictions")
+    table = store.read_predictions(results, model_hash=ATTRS["model_hash"])
+    with h5py.File(path, "r") as f:
+        attrs = {key: np.asarray(value).tolist() for key, value in f.attrs.items()}
+    return ({k: v.tolist() for k, v in table.items()}, store.read_failures(results), attrs)
+
+
+FLIPS = 700
+
+
+def test_any_flipped_byte_is_an_error_naming_the_file_or_changes_nothing(tmp_path, shared_data):
+    """Without verify=True: checksums on every dataset, the metadata and the attributes. Bytes
+    spread over the whole file are flipped one at a time, plus the two the issue found: a byte
+    of an id string and 16 bytes of the dos data."""
+    Manifest.create(tmp_path, {})
+    rng = np.random.default_rng(0)
+    ids = [f"JVASP-{50780 + i}" for i in range(12)]
+    table = prediction_table(ids=ids, band_gap=rng.uniform(0, 3, 12),
+                             dos=rng.uniform(0, 1, (12, len(ENERGY_GRID))).astype(np.float32))
+    path = add_predictions(tmp_path, 0, table, [Failure("JVASP-50791", "x", "read", "why")])
+    before = everything(tmp_path)
+    size = path.stat().st_size
+    id_byte = path.read_bytes().index(b"JVASP-50791") + 10
+    dos_bytes = size // 2
+    outcomes = {"error": 0, "unchanged": 0}
+    for offset in [id_byte, *np.linspace(0, size - 1, FLIPS, dtype=int)]:
+        data = flip(path, offset, mask=0x08)  # '1' -> '9' at the id byte
+        try:
+            after = everything(tmp_path)
+        except SchemaError as error:
+            assert str(error).startswith(str(path)), error
+            outcomes["error"] += 1
+        else:
+            assert offset != id_byte, "the id's flipped byte was read as JVASP-50799"
+            assert repr(after) == repr(before), f"byte {offset} changed what was read"
+            outcomes["unchanged"] += 1
+        path.write_bytes(data)
+    flip(path, dos_bytes, mask=0xFF, length=16)
+    with pytest.raises(SchemaError, match=named(path, ": damaged")):
+        store.query(tmp_path, with_dos=True)
+    assert outcomes["error"] > FLIPS / 2, outcomes
+
+
+def legacy_copy(source: Path, target: Path) -> None:
+    """`source` as the writers made shards before checksums: variable-length strings (string
+    attributes too), no filters but gzip, the earliest HDF5 format."""
+    with h5py.File(source, "r") as old, h5py.File(target, "w") as new:
+        for key in old.attrs:
+            new.attrs[key] = store.attr(old, key)
+
+        def copy(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                if h5py.check_string_dtype(obj.dtype) is not None:
+                    new.create_dataset(name, data=obj.asstr()[()].astype(object),
+                                       dtype=h5py.string_dtype())
+                else:
+                    new.create_dataset(name, data=obj[()], compression=obj.compression)
+        old.visititems(copy)
+
+
+def test_shards_written_before_checksums_still_read(tmp_path):
+    Manifest.create(tmp_path, {})
+    path = add_predictions(tmp_path, 0, prediction_table(ids=["a", "b"]), FAILURES)
+    before = everything(tmp_path)
+    legacy_copy(path, tmp_path / "legacy.h5")
+    with h5py.File(tmp_path / "legacy.h5", "r") as f:
+        assert not f["band_gap"].fletcher32 and h5py.check_string_dtype(f["ids"].dtype).length is None
+    (tmp_path / "legacy.h5").replace(path)
+    Manifest.load(tmp_path).add(shard_name("predictions", 0), store.shard_info(path))
+    after = everything(tmp_path)
+    assert after[:2] == before[:2]
+    assert list(store.query(tmp_path, sort="ids")["ids"]) == ["a", "b"]
+
+
+def run_config(index: int) -> dict:
+    return {"input": "/data", "model_hash": ATTRS["model_hash"], "shard_size": index}
+
+
+def written_with(results: Path, index: int, config: dict) -> dict:
+    attrs = {**ATTRS, store.CONFIG_ATTR: store.config_attr(config)}
+    path = results / shard_name("predictions", index)
+    failure = Failure(f"failed-in-chunk-{index}", "x", "read", "why")
+    return store.write_prediction_shard(path, prediction_table(ids=[f"s{index}"]), [failure], attrs)
+
+
+@pytest.mark.parametrize("damage", [b"\x00garbage{", b'{"schema_version": 2}', b"[]",
+                                    (b'{"schema_version": 2, "config": {}, "generation": 1, '
+                                     b'"shards": {"graphs/graphs-00000.h5": {"kind": "graphs"}}}'),
+                                    "journal"])
+def test_a_damaged_manifest_is_rebuilt_from_the_intact_shards(tmp_path, damage):
+    config = run_config(2)
+    manifest = Manifest.open(tmp_path, config)
+    infos = {i: written_with(tmp_path, i, config) for i in range(3)}
+    for i, info in infos.items():
+        manifest.add(shard_name("predictions", i), info)
+    written_with(tmp_path, 3, run_config(5))  # a shard of another run's settings
+    damaged = tmp_path / shard_name("predictions", 1)
+    flip(damaged, damaged.read_bytes().index(b"failed-in-chunk-1"))
+    if damage == "journal":
+        next(tmp_path.glob("manifest.*.jsonl")).write_bytes(b"\x00\x01 torn\n")
+    else:
+        (tmp_path / store.MANIFEST).write_bytes(damage)
+    with pytest.raises(SchemaError):
+        store.query(tmp_path)
+
+    rebuilt = Manifest.open(tmp_path, config)
+    assert rebuilt.rebuilt_because and "damaged" in rebuilt.rebuilt_because
+    assert rebuilt.shards == {shard_name("predictions", i): infos[i] for i in (0, 2)}
+    assert Manifest.load(tmp_path).shards == rebuilt.shards
+    assert [p.name for p in tmp_path.glob("manifest.*.jsonl")] == [f"manifest.{rebuilt.generation}.jsonl"]
+    assert list(store.query(tmp_path, sort="ids")["ids"]) == ["s0", "s2"]
+    assert [f.id for f in store.read_failures(tmp_path)] == ["failed-in-chunk-0", "failed-in-chunk-2"]
+
+
+def test_a_manifest_of_another_version_is_refused_not_rebuilt(tmp_path):
+    Manifest.open(tmp_path, run_config(1))
+    (tmp_path / store.MANIFEST).write_text(json.dumps({"schema_version": 3}))
+    with pytest.raises(SchemaError, match="schema version 3, this screener reads version 2"):
+        Manifest.open(tmp_path, run_config(1))
+
+
+HOLD_LOCK = """
+import sys, time
+from screener import store
+with store.run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_run_at_a_time_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    Manifest.create(tmp_path, {})
+    add_predictions(tmp_path, 0, prediction_table(ids=["a"]))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, env=repo_env())
+    try:
+        assert holder.stdout.readline() == "held\n"
+        refused = f"^{re.escape(str(tmp_path))}: another `screen run` is writing here"
+        with pytest.raises(store.ScreenerError, match=refused), store.run_lock(tmp_path):
+            pass
+        assert list(store.query(tmp_path)["ids"]) == ["a"]  # readers take no lock
+    finally:
+        holder.kill()
+        holder.wait()
+    with store.run_lock(tmp_path):
+        pass

@@ -2,6 +2,8 @@
 import gzip
 import json
 import os
+import signal
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -395,3 +397,67 @@ def test_read_records_raises_what_a_command_reports(shared_data, tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(ValueError, match="^JSON holds no records$"):
         read_records(tmp_path / "empty.json")
+
+
+def inputs_that_hang_or_abort(root: Path, good: Path) -> dict[str, str]:
+    """Beside one good POSCAR, every kind of path that once hung or aborted a run; returns the
+    expected failure reason of each by id."""
+    root.mkdir()
+    (root / good.name).write_text(good.read_text())
+    os.mkfifo(root / "POSCAR-fifo")
+    os.mkfifo(root / "records.json")  # a JSON list is read in the driver itself
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(root / "POSCAR-socket"))
+    os.symlink("/dev/zero", root / "POSCAR-zero")
+    os.symlink(root / "POSCAR-self", root / "POSCAR-self")
+    os.symlink(root / "b.cif", root / "a.cif")
+    os.symlink(root / "a.cif", root / "b.cif")
+    with open(root / "POSCAR-huge", "wb") as fh:  # sparse: no disk is used
+        fh.truncate(structures.MAX_FILE_BYTES + 1)
+    loop = "cannot read file: [Errno 40] Too many levels of symbolic links"
+    return {"fifo": "a FIFO (named pipe), not a regular file",
+            "records": "a FIFO (named pipe), not a regular file",
+            "socket": "a socket, not a regular file", "zero": "a character device, not a regular file",
+            "self": f"{loop}: '{root / 'POSCAR-self'}'", "a": f"{loop}: '{root / 'a.cif'}'",
+            "b": f"{loop}: '{root / 'b.cif'}'",
+            "huge": "larger than the 64 MiB limit for this kind of input"}
+
+
+@pytest.fixture
+def no_hang():
+    """Fails the test instead of hanging it, should a read block."""
+    def hung(*_):
+        raise TimeoutError("a read blocked")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_inputs_that_are_no_regular_files_fail_alone_without_blocking(tmp_path, shared_data,
+                                                                        no_hang):
+    expected = inputs_that_hang_or_abort(tmp_path / "in", shared_data / "poscar" / SIC)
+    loaded = {s.id: load(s) for s in discover(tmp_path / "in")}
+    assert isinstance(loaded.pop("JVASP-107"), Structure)
+    assert {i: (f.stage, f.reason) for i, f in loaded.items()} == {
+        i: ("read", reason) for i, reason in expected.items()}
+
+
+def test_reads_stop_at_their_limits(tmp_path, monkeypatch):
+    """A gzip bomb is refused after MAX_RECORDS_BYTES of output, never inflated in full."""
+    monkeypatch.setattr(structures, "MAX_RECORDS_BYTES", 1 << 20)
+    bomb = tmp_path / "bomb.json.gz"
+    bomb.write_bytes(gzip.compress(b"[" + b" " * (4 << 20) + b"]"))
+    (failure,) = load_all(bomb)
+    assert failure.reason == ("more than 1 MiB of JSON once decompressed (MAX_RECORDS_BYTES): "
+                              "split the file")
+    with pytest.raises(ValueError, match="more than 1 MiB"):
+        read_records(bomb)
+
+
+def test_element_symbols_in_any_case_and_unknown_ones_refused():
+    assert [structures.element_symbol(s) for s in ("o", "FE", " cl ", "Si")] == ["O", "Fe", "Cl", "Si"]
+    for bad in ("Xx", "", "O2"):
+        with pytest.raises(ValueError, match="is not an element symbol"):
+            structures.element_symbol(bad)
