@@ -120,3 +120,9 @@ def test_screen_ranks_the_shortlist_by_probability(tmp_path, shared_data, ray_lo
     assert 0 < len(inside["ids"]) < 201 and inside["in_domain"].all()
     strict = store.query(out, bandgap=(1.0, 2.0), min_probability=0.5)
     assert np.all(strict["p_in_window"] >= 0.5)
+    again = CliRunner().invoke(main, ["run", "--structures", str(shared_data / "poscar"),
+                                      "--bandgap", "1:2", "-o", str(out), "--model", str(model),
+                                      "--quiet", "--strict-domain"])
+    assert again.exit_code == 0 and "left off the shortlist" in again.output
+    kept = (out / "shortlist.csv").read_text().splitlines()[1:]
+    assert len(kept) == len(inside["ids"]) and all(row.endswith("True") for row in kept)
