@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from screener.cli import main
 from screener.dataset import read_training_set
 from screener.dft import Settings
-from screener.dos import E_STEP, ENERGY_GRID, band_gap
+from screener.dos import E_STEP, ENERGY_GRID, band_gap, valence_electrons
 from screener.label import (
     GAPPED_ABOVE,
     LOST,
@@ -78,10 +78,12 @@ def test_labels_are_real_normalized_spectra(labelled):
     assert data.dos.shape == (5, 300) and np.isfinite(data.dos).all() and (data.dos >= 0).all()
     row = dict(zip(data.ids, range(5)))
     lif = data.dos[row["JVASP-1130"]]
-    # F 2p holds 6 of GPAW's 8 LiF valence electrons and lies wholly inside the window:
-    # per spin and per electron that is 6 / 16, so grid, broadening and normalization lose nothing.
-    assert lif[ENERGY_GRID < 0].sum() * E_STEP == pytest.approx(6 / 16, abs=1e-3)
+    # F 2p holds 6 electrons and lies wholly inside the window. Labels count valence electrons
+    # as JARVIS does (Li_sv 3 + F 7 = 10, where GPAW's setups have 8): per spin and per electron
+    # that is 6 / 20, so grid, broadening and normalization lose nothing and the scale is edos_up's.
+    assert lif[ENERGY_GRID < 0].sum() * E_STEP == pytest.approx(6 / 20, abs=1e-3)
     assert data.extra["n_electrons"][row["JVASP-1130"]] == 8
+    assert valence_electrons(np.array([3, 9])) == 10
     assert data.attrs["code"].startswith("GPAW ") and data.attrs["spin"] == "unpolarised"
     kpts = data.extra["kpts"]
     assert ((kpts % 2 == 0) | (kpts == 1)).all() and (data.extra["wall_time"] > 0).all()
