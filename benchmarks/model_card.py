@@ -52,8 +52,9 @@ def render(meta: dict, test: dict, screen: dict, ablation: list[dict]) -> str:
         "predicted DOS gives a learned band gap, P(metal) and a gap spread; a temperature "
         f"({head['temperature']:.2f}), spread scale ({head['spread_scale']:.2f}) and floor "
         f"({head['spread_floor']:.2f} eV) fitted on validation calibrate them. `screen run` "
-        f"shortlists by P(gap in window) ≥ {head['min_probability']:.2f} (chosen on validation "
-        f"for {head['choice_window'][0]:g}–{head['choice_window'][1]:g} eV)."),
+        f"shortlists a structure whose gap is in the window or whose P(gap in window) ≥ "
+        f"{head['min_probability']:.2f} (chosen on validation for "
+        f"{head['choice_window'][0]:g}–{head['choice_window'][1]:g} eV)."),
         f"- Model id `{meta['model_id']}`.",
         "",
         "## Data",

@@ -163,8 +163,8 @@ def run(structures, bandgap, out_dir, model, address, device, workers, batch_siz
                            in_domain_only=strict_domain)
         shortlist = Path(out_dir) / "shortlist.csv"
         store.write_csv(store.with_units(rows), shortlist)
-        click.echo(f"shortlisted {len(rows['ids'])} with P({bandgap[0]} <= gap <= {bandgap[1]} "
-                   f"eV) >= {_threshold(out_dir, min_probability):.2f} -> {shortlist}")
+        click.echo(f"shortlisted {len(rows['ids'])} with {bandgap[0]} <= gap <= {bandgap[1]} eV "
+                   f"or P(in window) >= {_threshold(out_dir, min_probability):.2f} -> {shortlist}")
         click.echo(store.format_table(store.with_units(rows), SHORTLIST_SHOWN))
     if verify_top is not None:
         _verify(out_dir, bandgap, verify_top, address, quiet)

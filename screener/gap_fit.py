@@ -25,6 +25,7 @@ from screener.model import build_model, load_checkpoint, save_checkpoint
 from screener.model.domain import training_domain
 from screener.model.gap_head import MEMBERS, GapHead, estimate
 from screener.predict import predict
+from screener.store import shortlisted
 from screener.train import held_out_ids
 from screener.window import p_in_window
 
@@ -148,8 +149,8 @@ def fit_member(head, member, x, y, metal, balance, rows, val, rng) -> None:
 @torch.no_grad()
 def calibrate(head: GapHead, known: KnownGaps) -> dict:
     """Set the temperature of P(metal), the spread's scale and floor (least validation
-    negative log-likelihood) and the default P(in window) threshold (best validation F1 in
-    CHOICE_WINDOW); returns those and the validation metrics they give."""
+    negative log-likelihood) and the default P(in window) threshold (best validation F1 of
+    store.shortlisted in CHOICE_WINDOW); returns those and the validation metrics they give."""
     head.eval()
     gaps, logits = head(torch.as_tensor(known.inputs[known.val], dtype=torch.float32))
     truth = known.gaps[known.val]
@@ -174,9 +175,9 @@ def calibrate(head: GapHead, known: KnownGaps) -> dict:
     p_window = p_in_window(found.p_metal, found.mean, found.std, lo, hi)
     inside = (truth >= lo) & (truth <= hi)
     thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
-    f1 = [_f1(p_window >= t, inside) for t in thresholds]
+    f1 = [_f1(shortlisted(p_window, found.gap, CHOICE_WINDOW, t), inside) for t in thresholds]
     head.min_probability.fill_(float(thresholds[int(np.argmax(f1))]))
-    picked = p_window >= float(head.min_probability)
+    picked = shortlisted(p_window, found.gap, CHOICE_WINDOW, float(head.min_probability))
     return {"members": len(head.members), "n_train": len(known.train),
             "n_val": len(known.val), "temperature": float(head.temperature),
             "spread_scale": float(head.spread_scale), "spread_floor": float(head.spread_floor),

@@ -761,9 +761,9 @@ def query(results_dir: str | Path, bandgap: tuple[float | None, float | None] | 
           in_domain_only: bool = False, verify: bool = False, model_hash: str | None = None) -> dict[str, np.ndarray]:
     """Rows of the complete predictions that pass every filter, sorted, at most `limit`.
 
-    `bandgap` keeps the rows whose P(gap in the window) (`p_in_window`, a column of the
-    result) is at least `min_probability`, by default the one the model chose on validation
-    (the shards' `min_probability`, else 0.5). `in_domain_only` drops structures outside the
+    `bandgap` keeps the rows of `shortlisted`, with `min_probability` by default the one the
+    model chose on validation (the shards' `min_probability`, else 0.5); `p_in_window` is a
+    column of the result. `in_domain_only` drops structures outside the
     model's applicability domain. Other ranges are inclusive (lo, hi) with None
     for an open end; `elements` must all be present, none of `exclude` may be; `sort` names a
     column (a name with its unit too), '-' prefix for descending, None keeps chunk order,
@@ -783,7 +783,8 @@ def query(results_dir: str | Path, bandgap: tuple[float | None, float | None] | 
     ranges = {"dos_at_ef": dos_at_ef, "n_atoms": n_atoms}
     ranges = {column: bounds for column, bounds in ranges.items() if bounds is not None}
     window = ("p_metal", "band_gap_mean", "band_gap_std") if bandgap is not None else ()
-    wanted = {*ranges, *window, sort_by, "formula" if formula is not None else None,
+    point = ("band_gap",) if bandgap is not None else ()
+    wanted = {*ranges, *window, *point, sort_by, "formula" if formula is not None else None,
               "elements" if symbols else None, "in_domain" if in_domain_only else None}
     filtered = [c for c in columns if c in wanted]
     table = _concat(shards, filtered, verify, model_hash)
@@ -791,7 +792,7 @@ def query(results_dir: str | Path, bandgap: tuple[float | None, float | None] | 
     if bandgap is not None:
         table[WINDOW_COLUMN] = p_in_window(*(table[c] for c in window), *bandgap)
         threshold = default_min_probability(shards) if min_probability is None else min_probability
-        keep &= table[WINDOW_COLUMN] >= np.float32(threshold)
+        keep &= shortlisted(table[WINDOW_COLUMN], table["band_gap"], bandgap, threshold)
     for column, bounds in ranges.items():
         keep &= _in_range(table[column], bounds)
     if in_domain_only:
@@ -811,6 +812,15 @@ def query(results_dir: str | Path, bandgap: tuple[float | None, float | None] | 
              **_read_rows(shards, rest, rows, verify, model_hash)}
     order = [*columns[:5], *([WINDOW_COLUMN] if bandgap is not None else []), *columns[5:], "dos"]
     return {c: found[c] for c in order if c in found}
+
+
+def shortlisted(p_window: np.ndarray, gap: np.ndarray, bandgap: tuple[float | None, float | None],
+                min_probability: float) -> np.ndarray:
+    """Whether each row makes a window's shortlist: its gap (the point estimate) lies inside,
+    or P(gap in window) is at least `min_probability`. The point rule keeps narrow windows
+    usable, in which a spread of tenths of an eV leaves no P high; the P rule adds structures
+    whose gap may well be inside although its estimate is not."""
+    return _in_range(gap, bandgap) | (p_window >= np.float32(min_probability))
 
 
 def default_min_probability(shards: list[tuple[Path, dict]]) -> float:
