@@ -5,10 +5,11 @@
 
 Prints the gap MAE, metal/non-metal accuracy and confusion over every screened structure with
 a reference gap (the screen's gap: the learned one where the model has a gap head; the gap read
-off the predicted DOS beside it), then the window: how many the screen shortlisted (P(gap in
-window) at least the model's threshold), how many of those JARVIS puts inside it (precision) or
-within 0.5 eV of it, and how many of JARVIS's in-window structures it found (recall). `--labelled` flags shortlisted structures whose DOS the model may have trained
-on and scores the structures outside that set again on their own, so an in-sample hit is not
+off the predicted DOS beside it), then the window: how many the screen shortlisted (gap inside,
+or P(gap in window) at least the model's threshold: `screener.window.shortlisted`), how many of
+those JARVIS puts inside it (precision) or within 0.5 eV of it, and how many of JARVIS's
+in-window structures it found (recall). `--labelled` flags shortlisted structures whose DOS
+the model may have trained on and scores the structures outside that set again on their own, so an in-sample hit is not
 mistaken for a discovery.
 """
 from __future__ import annotations

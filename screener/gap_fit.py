@@ -25,9 +25,8 @@ from screener.model import build_model, load_checkpoint, save_checkpoint
 from screener.model.domain import training_domain
 from screener.model.gap_head import MEMBERS, GapHead, estimate
 from screener.predict import predict
-from screener.store import shortlisted
 from screener.train import held_out_ids
-from screener.window import p_in_window
+from screener.window import p_in_window, shortlisted
 
 # The window the default P(in window) threshold is chosen for: the acceptance window of the
 # screen's accuracy benchmark, wide enough to hold enough validation structures to choose on.
@@ -150,7 +149,7 @@ def fit_member(head, member, x, y, metal, balance, rows, val, rng) -> None:
 def calibrate(head: GapHead, known: KnownGaps) -> dict:
     """Set the temperature of P(metal), the spread's scale and floor (least validation
     negative log-likelihood) and the default P(in window) threshold (best validation F1 of
-    store.shortlisted in CHOICE_WINDOW); returns those and the validation metrics they give."""
+    window.shortlisted in CHOICE_WINDOW); returns those and the validation metrics they give."""
     head.eval()
     gaps, logits = head(torch.as_tensor(known.inputs[known.val], dtype=torch.float32))
     truth = known.gaps[known.val]

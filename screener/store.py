@@ -26,7 +26,7 @@ import numpy as np
 
 from screener.dos import ENERGY_GRID
 from screener.errors import ScreenerError
-from screener.window import p_in_window
+from screener.window import in_range, p_in_window, shortlisted
 
 if TYPE_CHECKING:
     from screener.structures import Failure, Structure
@@ -733,19 +733,6 @@ def _read_rows(shards: list[tuple[Path, dict]], names: list[str], rows: np.ndarr
     return {name: np.concatenate([part[name] for part in parts])[where] for name in names}
 
 
-def _in_range(values: np.ndarray, bounds: tuple[float | None, float | None]) -> np.ndarray:
-    """Inclusive at the stored precision: a bound of 1.4 keeps a float32 1.4. Integers are
-    compared with the bound as given, which may be infinite or fractional."""
-    lo, hi = bounds
-    cast = values.dtype.type if values.dtype.kind == "f" else float
-    keep = np.ones(len(values), dtype=bool)
-    if lo is not None:
-        keep &= values >= cast(lo)
-    if hi is not None:
-        keep &= values <= cast(hi)
-    return keep
-
-
 def _order(values: np.ndarray, descending: bool) -> np.ndarray:
     """Stable sort order; ties keep their stored order in both directions."""
     if not descending:
@@ -794,7 +781,7 @@ def query(results_dir: str | Path, bandgap: tuple[float | None, float | None] | 
         threshold = default_min_probability(shards) if min_probability is None else min_probability
         keep &= shortlisted(table[WINDOW_COLUMN], table["band_gap"], bandgap, threshold)
     for column, bounds in ranges.items():
-        keep &= _in_range(table[column], bounds)
+        keep &= in_range(table[column], bounds)
     if in_domain_only:
         keep &= table["in_domain"]
     if formula is not None:
@@ -812,15 +799,6 @@ def query(results_dir: str | Path, bandgap: tuple[float | None, float | None] | 
              **_read_rows(shards, rest, rows, verify, model_hash)}
     order = [*columns[:5], *([WINDOW_COLUMN] if bandgap is not None else []), *columns[5:], "dos"]
     return {c: found[c] for c in order if c in found}
-
-
-def shortlisted(p_window: np.ndarray, gap: np.ndarray, bandgap: tuple[float | None, float | None],
-                min_probability: float) -> np.ndarray:
-    """Whether each row makes a window's shortlist: its gap (the point estimate) lies inside,
-    or P(gap in window) is at least `min_probability`. The point rule keeps narrow windows
-    usable, in which a spread of tenths of an eV leaves no P high; the P rule adds structures
-    whose gap may well be inside although its estimate is not."""
-    return _in_range(gap, bandgap) | (p_window >= np.float32(min_probability))
 
 
 def default_min_probability(shards: list[tuple[Path, dict]]) -> float:

@@ -1,4 +1,6 @@
-"""P(LO <= gap <= HI) from a predicted P(metal) and a non-metal gap's mean and spread.
+"""Windows of values: inclusive ranges, P(LO <= gap <= HI), and the shortlist rule.
+
+P(gap in window) comes from a predicted P(metal) and a non-metal gap's mean and spread.
 
 A metal's gap is 0; a non-metal's is a normal distribution (the gap head's calibrated
 ensemble mean and spread) cut off below metrics.METAL_BELOW_EV, the smallest gap a spectrum
@@ -30,8 +32,29 @@ def p_in_window(p_metal: np.ndarray, mean: np.ndarray, std: np.ndarray, lo: floa
         inside = (cdf(hi_v) - cdf(max(lo_v, METAL_BELOW_EV))) / (1.0 - floor)
     if hi_v < METAL_BELOW_EV:
         inside = np.zeros_like(mean)
-    point = np.float32(mean)
-    exact = ((lo is None or point >= np.float32(lo)) & (hi is None or point <= np.float32(hi)))
+    exact = in_range(mean.astype(np.float32), (lo, hi))
     inside = np.where(std > 0, np.clip(np.nan_to_num(inside), 0.0, 1.0), exact)
     metal_inside = float(lo_v <= 0.0 <= hi_v)
     return (p_metal * metal_inside + (1.0 - p_metal) * inside).astype(np.float32)
+
+
+def in_range(values: np.ndarray, bounds: tuple[float | None, float | None]) -> np.ndarray:
+    """Inclusive at the stored precision: a bound of 1.4 keeps a float32 1.4. Integers are
+    compared with the bound as given, which may be infinite or fractional."""
+    lo, hi = bounds
+    cast = values.dtype.type if values.dtype.kind == "f" else float
+    keep = np.ones(len(values), dtype=bool)
+    if lo is not None:
+        keep &= values >= cast(lo)
+    if hi is not None:
+        keep &= values <= cast(hi)
+    return keep
+
+
+def shortlisted(p_window: np.ndarray, gap: np.ndarray, bandgap: tuple[float | None, float | None],
+                min_probability: float) -> np.ndarray:
+    """Whether each row makes a window's shortlist: its gap (the point estimate) lies inside,
+    or P(gap in window) is at least `min_probability`. The point rule keeps narrow windows
+    usable, in which a spread of tenths of an eV leaves no P high; the P rule adds structures
+    whose gap may well be inside although its estimate is not."""
+    return in_range(gap, bandgap) | (p_window >= np.float32(min_probability))
