@@ -107,12 +107,12 @@ MODEL_HELP = ("Checkpoint file, `screen train` run folder, or a shipped model: d
 @click.option("--strict", is_flag=True, help="Exit non-zero when any structure failed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--verify", "verify_top", type=click.IntRange(min=1), metavar="N",
-              help="Then DFT-check (GPAW) the N shortlisted structures whose predicted gap lies "
-                   "furthest inside --bandgap (nearest its centre; ties by id): verify.csv and "
+              help="Then DFT-check (GPAW) the N shortlisted structures likeliest in --bandgap "
+                   "(then the predicted gap furthest inside it; ties by id): verify.csv and "
                    "the training set verify.h5 in --out. A rerun skips finished structures.")
 @click.option("--min-probability", type=click.FloatRange(0, 1), metavar="P",
-              help="Shortlist structures with P(gap in --bandgap) >= P (default: the model's, "
-                   "chosen on validation).")
+              help="Shortlist structures whose gap is in --bandgap or whose P(gap in "
+                   "--bandgap) >= P (default: the model's, chosen on validation).")
 @click.option("--strict-domain", is_flag=True,
               help="Leave structures outside the model's training domain (unseen elements, "
                    "larger cells) off the shortlist.")
@@ -211,7 +211,8 @@ def _verify(out_dir: str, bandgap: tuple[float, float], n: int, address: str | N
 @click.option("--dos-at-ef", callback=parse_window, help="DOS at E_F window, LO:HI.")
 @click.option("--n-atoms", callback=parse_window, help="Atoms per cell, LO:HI.")
 @click.option("--min-probability", type=click.FloatRange(0, 1), metavar="P",
-              help="With --bandgap: keep P(gap in window) >= P (default: the model's choice).")
+              help="With --bandgap: keep gaps in the window or P(gap in window) >= P (default: "
+                   "the model's choice).")
 @click.option("--sort", default="auto", show_default=True,
               help="Column; prefix '-' for descending; auto: -p_in_window with --bandgap, "
                    "else band_gap.")
