@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from screener.dataset import JARVIS_GAP_KEY, read_training_set, reference_gap_value
-from screener.metrics import gap_metrics
 from screener.store import query, read_predictions
 from screener.structures import read_records
+from screener.training.dataset import JARVIS_GAP_KEY, read_training_set, reference_gap_value
+from screener.training.metrics import gap_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEAR_EV = 0.5

@@ -125,7 +125,7 @@ def run(structures, bandgap, out_dir, model, address, device, workers, batch_siz
     from screener.progress import progress_printer
 
     if verify_top is not None:
-        from screener.label import require_gpaw
+        from screener.dft.label import require_gpaw
 
         if bandgap is None:
             raise click.UsageError("--verify checks the top of the --bandgap shortlist: "
@@ -188,7 +188,8 @@ def _threshold(out_dir: str, min_probability: float | None) -> float:
 def _verify(out_dir: str, bandgap: tuple[float, float], n: int, address: str | None,
             quiet: bool) -> None:
     """The DFT check of `run --verify`, on the Ray that screened (`address`)."""
-    from screener import store, verify
+    from screener import store
+    from screener.dft import verify
 
     try:
         checked = verify.verify(out_dir, bandgap, n, address=address, progress=not quiet)
@@ -291,7 +292,7 @@ def data_jarvis_edos(cache_dir, out, seed, ref_gaps):
     """The ~48k JARVIS-DFT eDOS spectra (jarvis-tools download, cached)."""
     import os
 
-    from screener.dataset import from_jarvis_edos
+    from screener.training.dataset import from_jarvis_edos
 
     _write_training_set(from_jarvis_edos(os.path.expanduser(cache_dir)), out, seed, ref_gaps)
 
@@ -303,7 +304,7 @@ def data_jarvis_edos(cache_dir, out, seed, ref_gaps):
 @_training_set_options
 def data_json(path, level_of_theory, out, seed, ref_gaps):
     """JARVIS-form records (jid, atoms, edos_up) from a json(.gz) file."""
-    from screener.dataset import from_json
+    from screener.training.dataset import from_json
 
     _write_training_set(from_json(path, level_of_theory), out, seed, ref_gaps)
 
@@ -313,7 +314,7 @@ def data_json(path, level_of_theory, out, seed, ref_gaps):
 @_training_set_options
 def data_vasprun(path, out, seed, ref_gaps):
     """VASP runs: every vasprun*.xml(.gz) under PATH, total DOS per valence electron."""
-    from screener.dataset import from_vasprun
+    from screener.training.dataset import from_vasprun
 
     _write_training_set(from_vasprun(path), out, seed, ref_gaps)
 
@@ -321,7 +322,7 @@ def data_vasprun(path, out, seed, ref_gaps):
 def _write_training_set(labelled, out: str, seed: int, ref_gaps: str | None) -> None:
     import numpy as np
 
-    from screener.dataset import merge_ref_gaps, skipped_summary, write_training_set
+    from screener.training.dataset import merge_ref_gaps, skipped_summary, write_training_set
 
     click.echo(skipped_summary(labelled.skipped), err=bool(labelled.skipped))
     if ref_gaps:
@@ -350,7 +351,7 @@ def _write_training_set(labelled, out: str, seed: int, ref_gaps: str | None) -> 
                    "(checked by sha256); default: the path in the checkpoint.")
 def evaluate_model(model_path, data_path, split, out_dir, batch_size, device, gaps):
     """Score a model on a split: metrics.json, figures and index.html in --out."""
-    from screener.evaluate import evaluate
+    from screener.training.evaluate import evaluate
 
     report = evaluate(model_path, data_path, split, out_dir, batch_size, device, gaps)
     s, g = report["summary"], report["band_gap"]
@@ -415,7 +416,7 @@ def evaluate_model(model_path, data_path, split, out_dir, batch_size, device, ga
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_command(data_path, out_dir, arch, latent, latent_sweep, overrides, **options):
     """Train D-ALIGNN or AE-ALIGNN on a training set with Ray Train (DDP, early stopping)."""
-    from screener import train
+    from screener.training import train
 
     options["config"] = _overrides(overrides)
     if latent_sweep:
@@ -447,7 +448,7 @@ def train_command(data_path, out_dir, arch, latent, latent_sweep, overrides, **o
 @click.option("--seed", type=int, default=0, show_default=True)
 def gap_head_command(model_file, data_path, gaps, hold_out, out, members, seed):
     """Fit a learned band gap and P(metal) head on a trained D-ALIGNN, calibrated on validation."""
-    from screener import gap_fit
+    from screener.training import gap_fit
 
     report = gap_fit.fit(model_file, data_path, gaps, out, hold_out=hold_out, members=members,
                          seed=seed)
@@ -499,7 +500,7 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
 def label_command(structures, out, address, workers, timeout, limit, order, kpt_density,
                   retry_failed, export_only, quiet):
     """DFT-label structures with GPAW (PBE, LCAO dzp): DOS, gap, energy -> training set."""
-    from screener import label
+    from screener.dft import label
 
     if export_only:
         try:
@@ -532,7 +533,7 @@ def label_command(structures, out, address, workers, timeout, limit, order, kpt_
               help="JARVIS-form json(.gz) with edos_up: compare the DOS of structures in both.")
 def check_labels_command(labels, out_dir, edos):
     """Compare `screen label` output with JARVIS: gaps vs optB88vdW, DOS vs edos_up."""
-    from screener.check_labels import REPORT, check_labels, format_report
+    from screener.dft.check_labels import REPORT, check_labels, format_report
 
     report = check_labels(labels, out_dir, edos)
     click.echo(format_report(report))

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from screener.metrics import METAL_BELOW_EV
+from screener.training.metrics import METAL_BELOW_EV
 
 _erf = np.frompyfunc(math.erf, 1, 1)  # numpy has no erf, and scipy slows `screen query`'s start
 

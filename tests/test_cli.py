@@ -11,8 +11,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import repo_env
 
-from screener import dft, label, pipeline, store, train
+from screener import pipeline, store
 from screener.cli import main
+from screener.dft import gpaw as dft
+from screener.dft import label
+from screener.training import train
 
 
 def signature_defaults(function) -> dict:

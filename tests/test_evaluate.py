@@ -8,14 +8,16 @@ from click.testing import CliRunner
 from conftest import GPAW_LABELS
 
 from screener.cli import main
-from screener.dataset import (
+from screener.model.checkpoint import build_model, save_checkpoint
+from screener.store import file_sha256
+from screener.training.dataset import (
     from_json,
     merge_ref_gaps,
     read_structures,
     read_training_set,
     write_training_set,
 )
-from screener.evaluate import (
+from screener.training.evaluate import (
     FIGURES,
     binary_gap_matrix,
     crystal_systems,
@@ -23,8 +25,6 @@ from screener.evaluate import (
     gap_set_report,
     split_rows,
 )
-from screener.model.checkpoint import build_model, save_checkpoint
-from screener.store import file_sha256
 
 TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 8, "angle_rbf": 8, "alignn_layers": 1,
         "gcn_layers": 1}

@@ -8,13 +8,14 @@ import torch
 from click.testing import CliRunner
 from conftest import GPAW_LABELS, TINY
 
-from screener import gap_fit, store
+from screener import store
 from screener.cli import main
-from screener.dataset import read_structures, read_training_set, write_training_set
-from screener.metrics import expected_calibration_error, reliability
 from screener.model import build_model, load_checkpoint, save_checkpoint
 from screener.predict import predict, prediction_columns
 from screener.structures import read_records
+from screener.training import gap_fit
+from screener.training.dataset import read_structures, read_training_set, write_training_set
+from screener.training.metrics import expected_calibration_error, reliability
 from screener.window import p_in_window
 
 N_LABELLED = 160

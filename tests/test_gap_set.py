@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from screener import train as training
-from screener.dataset import SPLIT_SEED, from_json
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
-from screener.gap_set import (
+from screener.structures import discover
+from screener.training import train as training
+from screener.training.dataset import SPLIT_SEED, from_json
+from screener.training.gap_set import (
     EDGE_MARGIN,
     METAL_FLOOR,
     bounds_excess,
@@ -18,7 +19,6 @@ from screener.gap_set import (
     read_gap_set,
     spectrum_bounds,
 )
-from screener.structures import discover
 from tests.test_train import data_path, local_run, one_epoch, settings_for  # noqa: F401
 
 SMALL = 80

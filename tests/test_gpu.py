@@ -42,7 +42,7 @@ def test_training_runs_on_a_gpu_worker(ray_local, tmp_path):
     """`screen train --gpus-per-worker 1`: Ray Train places the worker on the GPU and the run
     ends with a usable checkpoint."""
     from screener.model import load_checkpoint
-    from screener.train import train
+    from screener.training.train import train
 
     metrics = train(GPAW_LABELS, tmp_path / "run", workers=1, gpus_per_worker=1, batch_size=16,
                     epochs=3, patience=3, loss="l1", amp=True,

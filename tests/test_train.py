@@ -14,10 +14,10 @@ import torch
 from click.testing import CliRunner
 from conftest import GPAW_LABELS, TINY, ray_workers, repo_env
 
-from screener import train as training
 from screener.cli import main
-from screener.dataset import from_json, read_training_set, write_training_set
 from screener.model import build_model, load_checkpoint
+from screener.training import train as training
+from screener.training.dataset import from_json, read_training_set, write_training_set
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_killed_ae_alignn_training_resumes_from_its_last_checkpoint(ray_local, d
     out = tmp_path / "run"
     options = {"arch": "ae-alignn", "latent": 4, "ae_epochs": 20, "epochs": 5, "patience": 5,
                "batch_size": 4, "config": TINY}
-    code = (f"from screener.train import train; train({str(data_path)!r}, {str(out)!r}, "
+    code = (f"from screener.training.train import train; train({str(data_path)!r}, {str(out)!r}, "
             f"address={ray_local.get_runtime_context().gcs_address!r}, **{options!r})")
     log = tmp_path / "job.log"
     with open(log, "w") as sink:

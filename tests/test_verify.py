@@ -10,11 +10,11 @@ from click.testing import CliRunner
 
 from screener import store
 from screener.cli import main
-from screener.dataset import read_training_set
-from screener.dft import Settings
-from screener.label import parts_dir
+from screener.dft.gpaw import Settings
+from screener.dft.label import parts_dir
+from screener.dft.verify import LABELS, TABLE, rank, verify
 from screener.pipeline import RunOptions, run
-from screener.verify import LABELS, TABLE, rank, verify
+from screener.training.dataset import read_training_set
 
 FAST = Settings(kpt_density=1.0)
 # The two smallest cells of the POSCAR set (18 and 11 A^3), GPAW seconds each: a hexagonal

@@ -1,6 +1,6 @@
 """Check the top of a shortlist with DFT, the ALIGNN-DOS workflow: screen by ML, confirm by GPAW.
 
-The chosen structures are labelled by screener.label into `<results>/verify.h5`, a training set
+The chosen structures are labelled by screener.dft.label into `<results>/verify.h5`, a training set
 for `screen train`; its parts folder keeps every finished structure, so a rerun, or one with
 another N or window, computes only structures it has not seen. `<results>/verify.csv` compares
 each predicted gap with the DFT gap; having id and source columns, it is also a shortlist that
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from screener import store
-from screener.dft import Settings
-from screener.label import (
+from screener.dft.gpaw import Settings
+from screener.dft.label import (
     TIMEOUT,
     LabelSummary,
     label_inputs,

@@ -22,11 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from screener.dataset import SPLIT_METHOD, SPLIT_SEED, read_set_graphs, read_training_set
 from screener.errors import ScreenerError
-from screener.gap_set import bounds_excess, read_gap_set, spectrum_bounds
 from screener.graphs import collate
-from screener.metrics import baseline_spectrum, spectrum_mae
 from screener.model import (
     DOSAutoencoder,
     build_model,
@@ -37,6 +34,9 @@ from screener.model import (
 from screener.pipeline import connect
 from screener.store import file_sha256
 from screener.structures import discover
+from screener.training.dataset import SPLIT_METHOD, SPLIT_SEED, read_set_graphs, read_training_set
+from screener.training.gap_set import bounds_excess, read_gap_set, spectrum_bounds
+from screener.training.metrics import baseline_spectrum, spectrum_mae
 
 ARCHS = ("d-alignn", "ae-alignn")
 LOSSES = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss}
@@ -70,7 +70,7 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
     """Train one model into out_dir (resuming what is there) and return its final metrics.
 
     `gaps`: a JARVIS record file whose known gaps bound the predicted spectra of structures
-    without a DOS label (screener.gap_set); every structure of the training set is left out of
+    without a DOS label (screener.training.gap_set); every structure of the training set is left out of
     it. The `hold_out` inputs (e.g. what the model will screen) are left out of everything:
     the gap set and every split of the training set. `cpus_per_worker`:
     each DDP worker's CPUs and torch threads, by default worker_cpus' rule.

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from screener import metrics
-from screener.dataset import Labelled, TrainingSet, from_json, read_training_set
 from screener.dos import E_STEP, ENERGY_GRID, N_BINS, band_gap
 from screener.plots import draw_dos
 from screener.store import SchemaError
+from screener.training import metrics
+from screener.training.dataset import Labelled, TrainingSet, from_json, read_training_set
 
 LABEL_EXTRA = ("gpaw_gap", "vbm", "cbm")
 GAP_PARITY = "gap_parity.png"

@@ -17,21 +17,21 @@ from jarvis.core.specie import atomic_numbers_to_symbols
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from screener import metrics
-from screener.dataset import (
+from screener.dos import ENERGY_GRID, GAP_THRESHOLD, band_gap
+from screener.model.checkpoint import load_checkpoint
+from screener.plots import draw_dos
+from screener.predict import predict, predict_dos, prediction_columns
+from screener.store import file_sha256
+from screener.structures import Structure
+from screener.training import metrics
+from screener.training.dataset import (
     SPLIT_METHOD,
     TrainingSet,
     read_set_graphs,
     read_structures,
     read_training_set,
 )
-from screener.dos import ENERGY_GRID, GAP_THRESHOLD, band_gap
-from screener.gap_set import read_gap_set
-from screener.model.checkpoint import load_checkpoint
-from screener.plots import draw_dos
-from screener.predict import predict, predict_dos, prediction_columns
-from screener.store import file_sha256
-from screener.structures import Structure
+from screener.training.gap_set import read_gap_set
 from screener.window import p_in_window
 
 SPLITS = ("train", "val", "test", "all")

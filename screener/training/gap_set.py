@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from screener.dataset import JARVIS_GAP_KEY, SPLIT_SEED, reference_gap_value, split_by_id
-from screener.dft import GAP_ZERO_OFFSET
+from screener.dft.gpaw import GAP_ZERO_OFFSET
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
 from screener.graphs import build_graphs
 from screener.structures import Structure, load, read_records, record_sources
+from screener.training.dataset import JARVIS_GAP_KEY, SPLIT_SEED, reference_gap_value, split_by_id
 
 # Kept free of the bound at each band edge: the GPAW labels' gaps differ from JARVIS
 # optB88vdW by 0.17 eV on average (check-labels), and their 0.1 eV broadening reaches in.

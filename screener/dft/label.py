@@ -1,4 +1,4 @@
-"""Label structures with DFT (GPAW, see screener.dft): one Ray task per structure, crash-safe.
+"""Label structures with DFT (GPAW, see screener.dft.gpaw): one Ray task per structure, crash-safe.
 
 A label costs minutes, so every finished structure, labelled or failed, is written at once to
 `<out>.parts/` as a small JSON file (tmp + rename): a killed run loses only the calculations in
@@ -26,7 +26,10 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from screener.dataset import (
+from screener.dft.gpaw import Settings, calculate_with_timeout, missing_basis, provenance
+from screener.errors import ScreenerError
+from screener.structures import Failure, Source, Structure, discover, load, read_records
+from screener.training.dataset import (
     JARVIS_GAP_KEY,
     TrainingSet,
     read_structures,
@@ -34,9 +37,6 @@ from screener.dataset import (
     reference_gap_value,
     write_training_set,
 )
-from screener.dft import Settings, calculate_with_timeout, missing_basis, provenance
-from screener.errors import ScreenerError
-from screener.structures import Failure, Source, Structure, discover, load, read_records
 
 ORDERS = ("input", "small-first", "gap-balanced")
 GAPPED_ABOVE = 0.1
