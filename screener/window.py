@@ -3,7 +3,7 @@
 P(gap in window) comes from a predicted P(metal) and a non-metal gap's mean and spread.
 
 A metal's gap is 0; a non-metal's is a normal distribution (the gap head's calibrated
-ensemble mean and spread) cut off below metrics.METAL_BELOW_EV, the smallest gap a spectrum
+ensemble mean and spread) cut off below dos.METAL_BELOW_EV, the smallest gap a spectrum
 on the grid can show. A spread of 0 (a model without a gap head) makes the probability 1 or
 0: whether the point gap lies in the window, inclusive at float32 precision as queries are.
 """
@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from screener.training.metrics import METAL_BELOW_EV
+from screener.dos import METAL_BELOW_EV
 
 _erf = np.frompyfunc(math.erf, 1, 1)  # numpy has no erf, and scipy slows `screen query`'s start
 

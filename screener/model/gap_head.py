@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from screener.training.metrics import METAL_BELOW_EV
+from screener.dos import METAL_BELOW_EV
 
 MEMBERS = 8
 HIDDEN = 128

@@ -17,7 +17,7 @@ from jarvis.core.specie import atomic_numbers_to_symbols
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from screener.dos import ENERGY_GRID, GAP_THRESHOLD, band_gap
+from screener.dos import ENERGY_GRID, GAP_THRESHOLD, METAL_BELOW_EV, band_gap
 from screener.model.checkpoint import load_checkpoint
 from screener.plots import draw_dos
 from screener.predict import predict, predict_dos, prediction_columns
@@ -129,7 +129,7 @@ def learned_gap_report(model, prediction, ref_gap: np.ndarray) -> dict | None:
     lo, hi = CALIBRATION_WINDOW
     p_window = p_in_window(p_metal, columns["band_gap_mean"][known],
                            columns["band_gap_std"][known], lo, hi)
-    metal, inside = ref < metrics.METAL_BELOW_EV, (ref >= lo) & (ref <= hi)
+    metal, inside = ref < METAL_BELOW_EV, (ref >= lo) & (ref <= hi)
     return {**metrics.gap_metrics(columns["band_gap"], ref_gap),
             "window": list(CALIBRATION_WINDOW),
             "ece_p_metal": metrics.expected_calibration_error(p_metal, metal),

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from screener.dos import band_gap
+from screener.dos import METAL_BELOW_EV, band_gap
 from screener.model import build_model, load_checkpoint, save_checkpoint
 from screener.model.domain import training_domain
 from screener.model.gap_head import MEMBERS, GapHead, estimate
 from screener.predict import predict
 from screener.training.dataset import read_training_set
 from screener.training.gap_set import read_gap_set
-from screener.training.metrics import METAL_BELOW_EV, expected_calibration_error
+from screener.training.metrics import expected_calibration_error
 from screener.training.train import held_out_ids
 from screener.window import p_in_window, shortlisted
 
