@@ -74,7 +74,7 @@ def new_file(_ctx, _param, value: str | None) -> str | None:
 def model_path(_ctx, _param, value: str | None) -> Path:
     """--model: a checkpoint file, a `screen train` run folder holding model.pt, or a shipped
     model's name (D-ALIGNN when not given); one rule for every command that loads a model."""
-    from screener.pipeline import SHIPPED_MODELS, shipped_model
+    from screener.shipped import SHIPPED_MODELS, shipped_model
 
     if value is None or value in SHIPPED_MODELS:
         return shipped_model(value or "d-alignn")

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
-from screener import reaper, store
+from screener import store
+from screener.cluster import connect
 from screener.errors import ScreenerError
 from screener.structures import MAX_ATOMS, Failure, Source, Structure, discover, load
 
@@ -220,24 +221,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def connect(address: str | None, worker_logs: bool = False, dashboard: bool = False) -> None:
-    """Join a running cluster, or start a private local Ray sized to this machine.
-
-    Worker logs stay off for screening (their progress is the driver's bar); training turns
-    them on because its epoch lines are printed by the workers. A local Ray starts without its
-    dashboard unless asked, which saves start-up time; training asks, because the dashboard
-    serves the State API that Ray Train's placement-group monitor polls for the run's
-    controller. Without its own, the monitor warns every second, and once another Ray's
-    dashboard takes the default port it asks that one, does not find the controller there and
-    removes the run's placement group, which ends the training. A local Ray gets a watchdog
-    (screener.reaper) that ends its processes should this driver be killed.
-    """
-    if not ray.is_initialized():
-        ray.init(address=address or None, include_dashboard=dashboard, log_to_driver=worker_logs)
-        if not address:
-            reaper.guard()
-
-
 def predictor_resources(device: str, workers: int | None) -> tuple[int, dict, int]:
     """Prediction actors to start, what each asks of Ray, and its torch threads.
 
@@ -265,18 +248,6 @@ def _check_workers(workers: int | None, most: int, why: str) -> None:
     if workers is not None and not 1 <= workers <= most:
         raise ScreenerError(f"--workers {workers}: this Ray cluster can run 1 to {most} "
                             f"prediction actors ({why})")
-
-
-SHIPPED_MODELS = {"d-alignn": "default_model.pt", "ae-alignn": "ae_model.pt"}
-
-
-def shipped_model(name: str = "d-alignn") -> Path:
-    """A trained model shipped inside the package. D-ALIGNN, the default, has the closer spectra;
-    AE-ALIGNN the closer band gaps (see the model card), so it is there for gap screens."""
-    path = Path(__file__).parent / "data" / SHIPPED_MODELS[name]
-    if not path.exists():
-        raise FileNotFoundError(f"no shipped {name} model at {path}: pass --model PATH")
-    return path
 
 
 def run(opts: RunOptions, on_progress: Progress | None = None) -> Summary:

@@ -127,7 +127,7 @@ def test_binary_gap_matrix():
 def test_the_shipped_model_scores_its_gap_set_from_a_file_given_here(tmp_path, shared_data):
     """The checkpoint names the gap file where it was trained; --gaps points to a copy here,
     accepted only when its sha256 is the one the model trained with."""
-    from screener.pipeline import shipped_model
+    from screener.shipped import shipped_model
 
     args = ["evaluate", "--model", str(shipped_model()), "--data", str(GPAW_LABELS), "--split", "test"]
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a"),

@@ -168,7 +168,7 @@ def test_shards_of_another_model_or_schema_are_refused(ray_local, small_folder, 
 def test_model_is_a_shipped_name_a_file_or_a_run_folder(ray_local, small_folder, tiny_model,
                                                          tmp_path):
     from screener.model import checkpoint_info
-    from screener.pipeline import shipped_model
+    from screener.shipped import shipped_model
 
     run_folder = tmp_path / "train_run"
     run_folder.mkdir()

@@ -12,7 +12,8 @@ from conftest import GPAW_LABELS
 
 from screener import store
 from screener.dos import E_STEP
-from screener.pipeline import RunOptions, run, shipped_model
+from screener.pipeline import RunOptions, run
+from screener.shipped import shipped_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

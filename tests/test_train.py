@@ -173,7 +173,7 @@ def test_training_starts_its_local_ray_with_the_state_api():
     and connect() would join it."""
     code = ("import ray\n"
             "from ray.util.state import list_actors\n"
-            "from screener.pipeline import connect\n"
+            "from screener.cluster import connect\n"
             "for dashboard in (False, True):\n"
             "    connect(None, dashboard=dashboard)\n"
             "    try:\n"

@@ -275,7 +275,7 @@ def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Setti
     start any more: the calculations already running are still collected, then the run stops
     with an error instead of marking every queued structure lost.
     """
-    from screener.pipeline import connect
+    from screener.cluster import connect
 
     connect(address)
     slots = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))

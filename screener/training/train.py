@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from screener.cluster import connect
 from screener.errors import ScreenerError
 from screener.graphs import collate
 from screener.model import (
@@ -31,7 +32,6 @@ from screener.model import (
     save_checkpoint,
     to_tensors,
 )
-from screener.pipeline import connect
 from screener.store import file_sha256
 from screener.structures import discover
 from screener.training.dataset import SPLIT_METHOD, SPLIT_SEED, read_set_graphs, read_training_set
