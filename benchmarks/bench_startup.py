@@ -58,7 +58,7 @@ def make_results(out: Path, data: Path) -> int:
     """A results dir of the JARVIS structures with stand-in spectra; returns the row count."""
     from screener import store
     from screener.dos import ENERGY_GRID, band_gap, dos_at_ef
-    from screener.structures import Failure, discover, load
+    from screener.io import Failure, discover, load
 
     with gzip.open(data) as f:
         gaps = {r["jid"]: r["optb88vdw_bandgap"] for r in json.load(f)

@@ -38,11 +38,11 @@ import torch
 
 from screener import store
 from screener.graphs import build_graphs, collate
+from screener.io import Failure, Source, discover, load
 from screener.model import load_checkpoint, to_tensors
 from screener.pipeline import RunOptions, chunked
 from screener.predict import predict_dos, spectral_columns
 from screener.shipped import shipped_model
-from screener.structures import Failure, Source, discover, load
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 INPUTS = ("jarvis_structures.json.gz", "perov5_structures.json.gz")

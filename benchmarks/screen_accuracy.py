@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from screener.io import read_records
 from screener.store import query, read_predictions
-from screener.structures import read_records
 from screener.training.dataset import JARVIS_GAP_KEY, read_training_set, reference_gap_value
 from screener.training.metrics import gap_metrics
 

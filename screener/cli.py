@@ -41,7 +41,7 @@ def parse_window(_ctx, _param, value: str | None) -> tuple[float, float] | None:
 
 def parse_elements(_ctx, _param, value: str | None) -> tuple[str, ...]:
     """'o, Fe' -> ('O', 'Fe'): symbols in any case, each an element."""
-    from screener.structures import element_symbol
+    from screener.io import element_symbol
 
     try:
         return tuple(element_symbol(v) for v in value.split(",") if v.strip()) if value else ()

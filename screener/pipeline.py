@@ -24,7 +24,7 @@ import ray
 from screener import store
 from screener.cluster import connect
 from screener.errors import ScreenerError
-from screener.structures import MAX_ATOMS, Failure, Source, Structure, discover, load
+from screener.io import MAX_ATOMS, Failure, Source, Structure, discover, load
 
 if TYPE_CHECKING:
     from screener.predict import Prediction

@@ -29,7 +29,7 @@ from screener.errors import ScreenerError
 from screener.window import in_range, p_in_window, shortlisted
 
 if TYPE_CHECKING:
-    from screener.structures import Failure, Structure
+    from screener.io import Failure, Structure
 
 SCHEMA_VERSION = 1
 KINDS = ("graphs", "predictions")
@@ -254,7 +254,7 @@ def _write_failures(f: h5py.File, failures: Sequence[Failure]) -> None:
 
 
 def _read_failures(f: h5py.File) -> list[Failure]:
-    from screener.structures import Failure  # lazily: keeps jarvis-tools out of plain queries
+    from screener.io import Failure  # lazily: keeps jarvis-tools out of plain queries
 
     columns = [_read(f["failures"][name]) for name in FAILURE_FIELDS]
     return [Failure(id=str(i), source=str(s), stage=str(t), reason=str(r))

@@ -18,8 +18,8 @@ from conftest import TINY, complete_ids, kill_group, ray_workers, screen_cmd
 
 from screener import store
 from screener.cli import main
+from screener.io import discover, load
 from screener.pipeline import RunOptions, build_graph_shard, chunks, run
-from screener.structures import discover, load
 
 N_SMALL = 16
 

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from screener import store
+from screener.io import MAX_ATOMS, Failure, discover
+from screener.io.structure import MIN_DISTANCE
 from screener.pipeline import RunOptions, graphs_or_failures, run
-from screener.structures import MAX_ATOMS, MIN_DISTANCE, Failure, discover
 
 CASES: Counter = Counter()
 FUZZ = settings(max_examples=300, deadline=None, database=None,

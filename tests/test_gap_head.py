@@ -10,9 +10,9 @@ from conftest import GPAW_LABELS, TINY
 
 from screener import store
 from screener.cli import main
+from screener.io import read_records
 from screener.model import build_model, load_checkpoint, save_checkpoint
 from screener.predict import predict, prediction_columns
-from screener.structures import read_records
 from screener.training import gap_fit
 from screener.training.dataset import read_structures, read_training_set, write_training_set
 from screener.training.metrics import expected_calibration_error, reliability

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
-from screener.structures import discover
+from screener.io import discover
 from screener.training import train as training
 from screener.training.dataset import SPLIT_SEED, from_json
 from screener.training.gap_set import (

@@ -34,7 +34,7 @@ from screener.dft.label import (
     write_part,
 )
 from screener.dos import E_STEP, ENERGY_GRID, band_gap, valence_electrons
-from screener.structures import Failure
+from screener.io import Failure
 from screener.training.dataset import read_training_set
 
 FAST = Settings(kpt_density=1.0)

@@ -14,9 +14,9 @@ from conftest import all_ids, complete_ids, kill_group, screen_cmd
 
 from screener import store
 from screener.cli import main
+from screener.io import discover
 from screener.model import CheckpointError
 from screener.pipeline import RunOptions, run
-from screener.structures import discover
 
 
 def test_poscar_folder_completes_exactly_once(ray_local, shared_data, tiny_model, tmp_path):

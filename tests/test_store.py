@@ -15,8 +15,8 @@ from conftest import REPO, repo_env
 
 from screener import store
 from screener.dos import ENERGY_GRID, band_gap, dos_at_ef
+from screener.io import Failure, Structure, discover, load
 from screener.store import Manifest, SchemaError, ShardWriter, shard_name
-from screener.structures import Failure, Structure, discover, load
 
 K = 16
 ATTRS = {"model_id": "test-model", "model_hash": "a" * 64}

@@ -28,7 +28,7 @@ import ray
 
 from screener.dft.gpaw import Settings, calculate_with_timeout, missing_basis, provenance
 from screener.errors import ScreenerError
-from screener.structures import Failure, Source, Structure, discover, load, read_records
+from screener.io import Failure, Source, Structure, discover, load, read_records
 from screener.training.dataset import (
     JARVIS_GAP_KEY,
     TrainingSet,
@@ -133,7 +133,7 @@ def read_inputs(path: str | Path) -> list[tuple[Structure | Failure, float]]:
     """(structure or why it cannot be read, JARVIS reference gap or NaN) per input.
 
     A .csv is a shortlist from `screen run` (columns id or ids, and source); anything else
-    goes through structures.discover.
+    goes through screener.io.discover.
     """
     path = Path(path)
     is_csv = path.suffix.lower() == ".csv"

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from screener.dos import N_BINS, normalize, to_grid, valence_electrons
 from screener.errors import ScreenerError
 from screener.graphs import build_graph
+from screener.io import Failure, Source, Structure, load, read_records
 from screener.store import (
     LIBVER,
     SchemaError,
@@ -36,7 +37,6 @@ from screener.store import (
     screener_version,
     write_graphs,
 )
-from screener.structures import Failure, Source, Structure, load, read_records
 
 SCHEMA_VERSION = 1
 KIND = "training_set"

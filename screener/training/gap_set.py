@@ -18,7 +18,7 @@ import torch
 from screener.dft.gpaw import GAP_ZERO_OFFSET
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
 from screener.graphs import build_graphs
-from screener.structures import Structure, load, read_records, record_sources
+from screener.io import Structure, load, read_records, record_sources
 from screener.training.dataset import JARVIS_GAP_KEY, SPLIT_SEED, reference_gap_value, split_by_id
 
 # Kept free of the bound at each band edge: the GPAW labels' gaps differ from JARVIS
