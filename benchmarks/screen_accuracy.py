@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from screener.io import read_records
-from screener.store import query, read_predictions
+from screener.results.query import query, read_predictions
 from screener.training.dataset import JARVIS_GAP_KEY, read_training_set, reference_gap_value
 from screener.training.metrics import gap_metrics
 

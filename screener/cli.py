@@ -52,7 +52,7 @@ def parse_elements(_ctx, _param, value: str | None) -> tuple[str, ...]:
 def results_folder(_ctx, _param, value: str) -> str:
     """-o of `run`: a folder that can be made or written, checked before Ray starts (and before
     anything is made: other checks may still refuse the command)."""
-    from screener.store import results_dir_problem
+    from screener.results.manifest import results_dir_problem
 
     problem = results_dir_problem(value)
     if problem:
@@ -121,8 +121,10 @@ def run(structures, bandgap, out_dir, model, address, device, workers, batch_siz
     """Predict the DOS of every structure and shortlist those whose gap is in --bandgap."""
     import numpy as np
 
-    from screener import pipeline, store
+    from screener import pipeline
     from screener.progress import progress_printer
+    from screener.results.query import query, read_failures, read_predictions
+    from screener.results.tables import format_table, with_units, write_csv
 
     if verify_top is not None:
         from screener.dft.label import require_gpaw
@@ -148,24 +150,24 @@ def run(structures, bandgap, out_dir, model, address, device, workers, batch_siz
     click.echo(f"stage time (summed over workers): {stages}")
     for name in summary.damaged:
         click.echo(f"  recomputed damaged shard {name}", err=True)
-    failures = store.read_failures(out_dir)
+    failures = read_failures(out_dir)
     for f in failures[:20]:
         click.echo(f"  failed {f.id} [{f.stage}] {f.source}: {f.reason}", err=True)
     if len(failures) > 20:
         click.echo(f"  ... {len(failures) - 20} more failures: screen failures {out_dir}", err=True)
-    outside = int(np.sum(~store.read_predictions(out_dir, ["in_domain"])["in_domain"]))
+    outside = int(np.sum(~read_predictions(out_dir, ["in_domain"])["in_domain"]))
     if outside:
         click.echo(f"{outside} structures lie outside the model's training domain (unseen "
                    f"elements or larger cells): column in_domain"
                    f"{'; left off the shortlist' if strict_domain else ''}")
     if bandgap is not None:
-        rows = store.query(out_dir, bandgap=bandgap, min_probability=min_probability,
-                           in_domain_only=strict_domain)
+        rows = query(out_dir, bandgap=bandgap, min_probability=min_probability,
+                     in_domain_only=strict_domain)
         shortlist = Path(out_dir) / "shortlist.csv"
-        store.write_csv(store.with_units(rows), shortlist)
+        write_csv(with_units(rows), shortlist)
         click.echo(f"shortlisted {len(rows['ids'])} with {bandgap[0]} <= gap <= {bandgap[1]} eV "
                    f"or P(in window) >= {_threshold(out_dir, min_probability):.2f} -> {shortlist}")
-        click.echo(store.format_table(store.with_units(rows), SHORTLIST_SHOWN))
+        click.echo(format_table(with_units(rows), SHORTLIST_SHOWN))
     if verify_top is not None:
         _verify(out_dir, bandgap, verify_top, address, quiet)
     if strict and summary.n_failed:
@@ -178,24 +180,25 @@ SHORTLIST_SHOWN = ("ids", "formula", "p_in_window", "band_gap_eV", "band_gap_std
 
 def _threshold(out_dir: str, min_probability: float | None) -> float:
     """The P(in window) a shortlist of `out_dir` was cut at."""
-    from screener import store
+    from screener.results.manifest import complete_shards
+    from screener.results.query import default_min_probability
 
     if min_probability is not None:
         return min_probability
-    return store.default_min_probability(store.complete_shards(out_dir))
+    return default_min_probability(complete_shards(out_dir))
 
 
 def _verify(out_dir: str, bandgap: tuple[float, float], n: int, address: str | None,
             quiet: bool) -> None:
     """The DFT check of `run --verify`, on the Ray that screened (`address`)."""
-    from screener import store
     from screener.dft import verify
+    from screener.results.tables import format_table
 
     try:
         checked = verify.verify(out_dir, bandgap, n, address=address, progress=not quiet)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(store.format_table(checked.rows, verify.SHOWN))
+    click.echo(format_table(checked.rows, verify.SHOWN))
     computed = checked.labelling.n_labelled + checked.labelling.n_failed
     click.echo(f"verified {checked.n_checked} of {len(checked.rows['id'])}: {checked.n_confirmed} "
                f"confirmed inside {bandgap[0]:g}:{bandgap[1]:g} eV ({computed} calculated in this "
@@ -224,32 +227,33 @@ def query(results, bandgap, elements, exclude, formula, dos_at_ef, n_atoms, min_
     """Filter the predictions of a (possibly still running) screening job."""
     import sys
 
-    from screener import store
+    from screener.results.query import UnknownColumn, query
+    from screener.results.tables import format_table, to_json, with_units, write_csv
 
     try:
-        rows = store.with_units(store.query(
+        rows = with_units(query(
             results, bandgap=bandgap, elements=elements, exclude=exclude, formula=formula,
             dos_at_ef=dos_at_ef, n_atoms=n_atoms, min_probability=min_probability, sort=sort,
             limit=limit))
-    except store.UnknownColumn as error:
+    except UnknownColumn as error:
         raise click.BadParameter(str(error), param_hint="'--sort'") from None
     if len(rows["ids"]) == 0:
         click.echo("0 matches", err=True)
     if fmt == "csv":
-        store.write_csv(rows, sys.stdout)
+        write_csv(rows, sys.stdout)
     elif fmt == "json":
-        click.echo(store.to_json(rows))
+        click.echo(to_json(rows))
     else:
-        click.echo(store.format_table(rows))
+        click.echo(format_table(rows))
 
 
 @main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 def failures(results):
     """List every structure that failed, with its file and reason."""
-    from screener import store
+    from screener.results.query import read_failures
 
-    found = store.read_failures(results)
+    found = read_failures(results)
     for f in found:
         click.echo(f"{f.id}\t{f.stage}\t{f.source}\t{f.reason}")
     if not found:

@@ -11,7 +11,7 @@ from conftest import REPO
 from screener.cli import main
 from screener.dos import N_BINS, band_gap, dos_at_ef
 from screener.graphs import build_graph
-from screener.store import SchemaError
+from screener.results.hdf5 import SchemaError
 from screener.training.dataset import (
     FRACTIONS,
     SPLITS,

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from conftest import GPAW_LABELS
 
 from screener.cli import main
+from screener.io.files import file_sha256
 from screener.model.checkpoint import build_model, save_checkpoint
-from screener.store import file_sha256
 from screener.training.dataset import (
     from_json,
     merge_ref_gaps,

@@ -10,16 +10,16 @@ import pytest
 import torch
 from conftest import GPAW_LABELS
 
-from screener import store
 from screener.dos import E_STEP
 from screener.pipeline import RunOptions, run
+from screener.results.query import read_predictions
 from screener.shipped import shipped_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def by_id(results: Path) -> dict[str, np.ndarray]:
-    table = store.read_predictions(results, columns=["ids", "dos", "band_gap"])
+    table = read_predictions(results, columns=["ids", "dos", "band_gap"])
     order = np.argsort(table["ids"])
     return {key: np.asarray(values)[order] for key, values in table.items()}
 

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from screener.dos import E_STEP, ENERGY_GRID, METAL_BELOW_EV, N_BINS, band_gap
 from screener.plots import draw_dos
-from screener.store import SchemaError
+from screener.results.hdf5 import SchemaError
 from screener.training import metrics
 from screener.training.dataset import Labelled, TrainingSet, from_json, read_training_set
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from screener import store
 from screener.dft.gpaw import Settings
 from screener.dft.label import (
     TIMEOUT,
@@ -24,6 +23,8 @@ from screener.dft.label import (
     read_part,
     shortlist_sources,
 )
+from screener.results.query import query
+from screener.results.tables import write_csv
 
 LABELS = "verify.h5"
 TABLE = "verify.csv"
@@ -68,7 +69,7 @@ def verify(results_dir: str | Path, window: tuple[float, float], n: int,
            timeout: float = TIMEOUT, progress: bool = True) -> Verification:
     """DFT-label the top `n` structures of the window's shortlist; write verify.h5, verify.csv."""
     results_dir = Path(results_dir)
-    shortlist = store.query(results_dir, bandgap=window, sort=None)
+    shortlist = query(results_dir, bandgap=window, sort=None)
     top = rank(shortlist["band_gap"], shortlist["ids"], window, shortlist["p_in_window"])[:n]
     ids, sources = shortlist["ids"][top], shortlist["source"][top]
     labels = results_dir / LABELS
@@ -81,5 +82,5 @@ def verify(results_dir: str | Path, window: tuple[float, float], n: int,
             "predicted_gap": shortlist["band_gap"][top], "dft_gap": dft_gap,
             "confirmed": (dft_gap >= lo) & (dft_gap <= hi),
             "reason": np.array([p.get("reason", "") for p in done], dtype=str)}
-    store.write_csv(rows, results_dir / TABLE)
+    write_csv(rows, results_dir / TABLE)
     return Verification(rows, labelling)

@@ -1,6 +1,8 @@
-"""Reading an input file within a size limit, refusing anything that is not a regular file."""
+"""Files, safely: an input read within a size limit (and refused when it is no regular file),
+an output replaced durably, and the sha256 that records and checks a file."""
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -42,3 +44,26 @@ def _not_regular(mode: int) -> str | None:
              stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
              stat.S_ISDIR: "a folder"}
     return next((name for test, name in kinds.items() if test(mode)), "a special file")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, final: Path) -> None:
+    """fsync the data before the rename and the directory after it: a crash leaves old or new."""
+    fsync(tmp)
+    os.replace(tmp, final)
+    fsync(final.parent)

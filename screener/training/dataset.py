@@ -27,12 +27,12 @@ from screener.dos import N_BINS, normalize, to_grid, valence_electrons
 from screener.errors import ScreenerError
 from screener.graphs import build_graph
 from screener.io import Failure, Source, Structure, load, read_records
-from screener.store import (
+from screener.io.files import file_sha256
+from screener.results.hdf5 import (
     LIBVER,
     SchemaError,
     create_dataset,
     damage_named,
-    file_sha256,
     read_graphs,
     screener_version,
     write_graphs,
@@ -157,7 +157,7 @@ def _check_inputs(structures, dos, ref_gap, extra) -> None:
 
 
 def _write(f: h5py.File, structures, graphs, dos, ref_gap, provenance, extra, seed) -> None:
-    """Every dataset under the shards' checksums (store.create_dataset)."""
+    """Every dataset under the shards' checksums (create_dataset)."""
     f.attrs.update(kind=KIND, schema_version=SCHEMA_VERSION, n_structures=len(structures),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    screener_version=screener_version(), provenance=json.dumps(provenance))

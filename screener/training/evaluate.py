@@ -19,10 +19,10 @@ from matplotlib.figure import Figure
 
 from screener.dos import ENERGY_GRID, GAP_THRESHOLD, METAL_BELOW_EV, band_gap
 from screener.io import Structure
+from screener.io.files import file_sha256
 from screener.model.checkpoint import load_checkpoint
 from screener.plots import draw_dos
 from screener.predict import predict, predict_dos, prediction_columns
-from screener.store import file_sha256
 from screener.training import metrics
 from screener.training.dataset import (
     SPLIT_METHOD,

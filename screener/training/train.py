@@ -26,14 +26,8 @@ from screener.cluster import connect
 from screener.errors import ScreenerError
 from screener.graphs import collate
 from screener.io import discover
-from screener.model import (
-    DOSAutoencoder,
-    build_model,
-    load_checkpoint,
-    save_checkpoint,
-    to_tensors,
-)
-from screener.store import file_sha256
+from screener.io.files import file_sha256
+from screener.model import DOSAutoencoder, build_model, load_checkpoint, save_checkpoint, to_tensors
 from screener.training.dataset import SPLIT_METHOD, SPLIT_SEED, read_set_graphs, read_training_set
 from screener.training.gap_set import bounds_excess, read_gap_set, spectrum_bounds
 from screener.training.metrics import baseline_spectrum, spectrum_mae
