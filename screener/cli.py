@@ -1,10 +1,15 @@
 """The `screen` command line: parse, call one function, print. Heavy imports stay inside commands."""
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from screener.errors import ScreenerError
+
+if TYPE_CHECKING:
+    from screener.dft.verify import Verification
+    from screener.pipeline import Summary
 
 
 class ScreenGroup(click.Group):
@@ -24,19 +29,13 @@ def main() -> None:
 
 
 def parse_window(_ctx, _param, value: str | None) -> tuple[float, float] | None:
-    """'1.4:1.6' -> (1.4, 1.6); an empty side means unbounded."""
-    if value is None:
-        return None
+    """--bandgap and other LO:HI options (window.parse_window)."""
+    from screener.window import parse_window as parse
+
     try:
-        lo, hi = value.split(":")
-        window = (float(lo) if lo else float("-inf"), float(hi) if hi else float("inf"))
-    except ValueError:
-        raise click.BadParameter(f"expected LO:HI such as 1.4:1.6, got {value!r}") from None
-    if window[0] != window[0] or window[1] != window[1]:
-        raise click.BadParameter(f"{value!r}: NaN is no bound; leave a side empty for none")
-    if window[0] > window[1]:
-        raise click.BadParameter(f"{value!r}: LO is above HI")
-    return window
+        return None if value is None else parse(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def parse_elements(_ctx, _param, value: str | None) -> tuple[str, ...]:
@@ -72,19 +71,13 @@ def new_file(_ctx, _param, value: str | None) -> str | None:
 
 
 def model_path(_ctx, _param, value: str | None) -> Path:
-    """--model: a checkpoint file, a `screen train` run folder holding model.pt, or a shipped
-    model's name (D-ALIGNN when not given); one rule for every command that loads a model."""
-    from screener.shipped import SHIPPED_MODELS, shipped_model
+    """--model of every command that loads a model (shipped.resolve_model)."""
+    from screener.shipped import resolve_model
 
-    if value is None or value in SHIPPED_MODELS:
-        return shipped_model(value or "d-alignn")
-    path = Path(value)
-    if path.is_dir() and (path / "model.pt").is_file():
-        return path / "model.pt"
-    if not path.is_file():
-        raise click.BadParameter(f"{value!r} is neither a checkpoint file, a run folder holding "
-                                 f"model.pt, nor a shipped model ({', '.join(SHIPPED_MODELS)})")
-    return path
+    try:
+        return resolve_model(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 MODEL_HELP = ("Checkpoint file, `screen train` run folder, or a shipped model: d-alignn (the "
@@ -119,85 +112,64 @@ MODEL_HELP = ("Checkpoint file, `screen train` run folder, or a shipped model: d
 def run(structures, bandgap, out_dir, model, address, device, workers, batch_size, shard_size,
         strict, quiet, verify_top, min_probability, strict_domain):
     """Predict the DOS of every structure and shortlist those whose gap is in --bandgap."""
-    import numpy as np
+    from screener.screen import OptionError, screen
 
-    from screener import pipeline
-    from screener.progress import progress_printer
-    from screener.results.query import query, read_failures, read_predictions
-    from screener.results.tables import format_table, with_units, write_csv
-
-    if verify_top is not None:
-        from screener.dft.label import require_gpaw
-
-        if bandgap is None:
-            raise click.UsageError("--verify checks the top of the --bandgap shortlist: "
-                                   "give --bandgap")
-        require_gpaw()
-    opts = pipeline.RunOptions(
-        structures=structures, out_dir=out_dir, model=model,
-        address=address, device=device, workers=workers, batch_size=batch_size, shard_size=shard_size,
-    )
-    with progress_printer(disable=quiet) as on_progress:
-        summary = pipeline.run(opts, on_progress)
-    if summary.manifest_rebuilt_because:
-        click.echo(f"  rebuilt the manifest from the intact shards: "
-                   f"{summary.manifest_rebuilt_because}", err=True)
-    click.echo(
-        f"read {summary.n_read}  failed {summary.n_failed}  predicted {summary.n_predicted}  "
-        f"({summary.rate:.1f} structures/s, {summary.seconds:.1f} s; {summary.n_skipped_shards} shards resumed)"
-    )
-    stages = ", ".join(f"{stage} {sec:.1f} s" for stage, sec in summary.stage_seconds.items())
-    click.echo(f"stage time (summed over workers): {stages}")
-    for name in summary.damaged:
-        click.echo(f"  recomputed damaged shard {name}", err=True)
-    failures = read_failures(out_dir)
-    for f in failures[:20]:
+    try:
+        summary = screen(structures=structures, out_dir=out_dir, model=model, bandgap=bandgap,
+                         address=address, device=device, workers=workers,
+                         batch_size=batch_size, shard_size=shard_size,
+                         min_probability=min_probability, strict_domain=strict_domain,
+                         verify_top=verify_top, progress=not quiet)
+    except OptionError as error:
+        raise click.UsageError(str(error)) from None
+    _print_run(summary.run)
+    for f in summary.failures[:20]:
         click.echo(f"  failed {f.id} [{f.stage}] {f.source}: {f.reason}", err=True)
-    if len(failures) > 20:
-        click.echo(f"  ... {len(failures) - 20} more failures: screen failures {out_dir}", err=True)
-    outside = int(np.sum(~read_predictions(out_dir, ["in_domain"])["in_domain"]))
-    if outside:
-        click.echo(f"{outside} structures lie outside the model's training domain (unseen "
-                   f"elements or larger cells): column in_domain"
+    if len(summary.failures) > 20:
+        click.echo(f"  ... {len(summary.failures) - 20} more failures: screen failures {out_dir}",
+                   err=True)
+    if summary.n_outside_domain:
+        click.echo(f"{summary.n_outside_domain} structures lie outside the model's training "
+                   f"domain (unseen elements or larger cells): column in_domain"
                    f"{'; left off the shortlist' if strict_domain else ''}")
-    if bandgap is not None:
-        rows = query(out_dir, bandgap=bandgap, min_probability=min_probability,
-                     in_domain_only=strict_domain)
-        shortlist = Path(out_dir) / "shortlist.csv"
-        write_csv(with_units(rows), shortlist)
-        click.echo(f"shortlisted {len(rows['ids'])} with {bandgap[0]} <= gap <= {bandgap[1]} eV "
-                   f"or P(in window) >= {_threshold(out_dir, min_probability):.2f} -> {shortlist}")
-        click.echo(format_table(with_units(rows), SHORTLIST_SHOWN))
-    if verify_top is not None:
-        _verify(out_dir, bandgap, verify_top, address, quiet)
-    if strict and summary.n_failed:
-        raise SystemExit(f"--strict: {summary.n_failed} structures failed")
+    if summary.shortlist is not None:
+        from screener.results.tables import format_table
+
+        click.echo(f"shortlisted {len(summary.shortlist['ids'])} with {bandgap[0]} <= gap <= "
+                   f"{bandgap[1]} eV or P(in window) >= {summary.min_probability:.2f} -> "
+                   f"{summary.shortlist_path}")
+        click.echo(format_table(summary.shortlist, SHORTLIST_SHOWN))
+    if summary.verification is not None:
+        _print_verification(summary.verification, out_dir, bandgap)
+    if strict and summary.run.n_failed:
+        raise SystemExit(f"--strict: {summary.run.n_failed} structures failed")
 
 
 SHORTLIST_SHOWN = ("ids", "formula", "p_in_window", "band_gap_eV", "band_gap_std_eV", "p_metal",
                    "dos_band_gap_eV", "in_domain")
 
 
-def _threshold(out_dir: str, min_probability: float | None) -> float:
-    """The P(in window) a shortlist of `out_dir` was cut at."""
-    from screener.results.manifest import complete_shards
-    from screener.results.query import default_min_probability
+def _print_run(run: "Summary") -> None:
+    """The prediction run's counts, times and repairs."""
+    if run.manifest_rebuilt_because:
+        click.echo(f"  rebuilt the manifest from the intact shards: "
+                   f"{run.manifest_rebuilt_because}", err=True)
+    click.echo(
+        f"read {run.n_read}  failed {run.n_failed}  predicted {run.n_predicted}  "
+        f"({run.rate:.1f} structures/s, {run.seconds:.1f} s; {run.n_skipped_shards} shards resumed)"
+    )
+    stages = ", ".join(f"{stage} {sec:.1f} s" for stage, sec in run.stage_seconds.items())
+    click.echo(f"stage time (summed over workers): {stages}")
+    for name in run.damaged:
+        click.echo(f"  recomputed damaged shard {name}", err=True)
 
-    if min_probability is not None:
-        return min_probability
-    return default_min_probability(complete_shards(out_dir))
 
-
-def _verify(out_dir: str, bandgap: tuple[float, float], n: int, address: str | None,
-            quiet: bool) -> None:
-    """The DFT check of `run --verify`, on the Ray that screened (`address`)."""
+def _print_verification(checked: "Verification", out_dir: str,
+                        bandgap: tuple[float, float]) -> None:
+    """The DFT check of `run --verify`: its table and one line of counts."""
     from screener.dft import verify
     from screener.results.tables import format_table
 
-    try:
-        checked = verify.verify(out_dir, bandgap, n, address=address, progress=not quiet)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
     click.echo(format_table(checked.rows, verify.SHOWN))
     computed = checked.labelling.n_labelled + checked.labelling.n_failed
     click.echo(f"verified {checked.n_checked} of {len(checked.rows['id'])}: {checked.n_confirmed} "

@@ -1,4 +1,4 @@
-"""Windows of values: inclusive ranges, P(LO <= gap <= HI), and the shortlist rule.
+"""Windows of values: LO:HI text, inclusive ranges, P(LO <= gap <= HI), and the shortlist rule.
 
 P(gap in window) comes from a predicted P(metal) and a non-metal gap's mean and spread.
 
@@ -58,3 +58,17 @@ def shortlisted(p_window: np.ndarray, gap: np.ndarray, bandgap: tuple[float | No
     usable, in which a spread of tenths of an eV leaves no P high; the P rule adds structures
     whose gap may well be inside although its estimate is not."""
     return in_range(gap, bandgap) | (p_window >= np.float32(min_probability))
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """'1.4:1.6' -> (1.4, 1.6); an empty side is unbounded. A ValueError says what is wrong."""
+    try:
+        lo, hi = text.split(":")
+        window = (float(lo) if lo else float("-inf"), float(hi) if hi else float("inf"))
+    except ValueError:
+        raise ValueError(f"expected LO:HI such as 1.4:1.6, got {text!r}") from None
+    if window[0] != window[0] or window[1] != window[1]:
+        raise ValueError(f"{text!r}: NaN is no bound; leave a side empty for none")
+    if window[0] > window[1]:
+        raise ValueError(f"{text!r}: LO is above HI")
+    return window

@@ -11,12 +11,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import repo_env
 
-from screener import pipeline
 from screener.cli import main
 from screener.dft import gpaw as dft
 from screener.dft import label
 from screener.results.manifest import LOCK, MANIFEST, Manifest
 from screener.results.shards import shard_name, write_prediction_shard
+from screener.screen import screen
 from screener.training import train
 
 
@@ -33,7 +33,7 @@ def dataclass_defaults(cls) -> dict:
 @pytest.mark.parametrize("command, defaults", [
     ("train", signature_defaults(train.train)),
     ("label", {**signature_defaults(label.label), **dataclass_defaults(dft.Settings)}),
-    ("run", dataclass_defaults(pipeline.RunOptions)),
+    ("run", signature_defaults(screen)),
 ])
 def test_cli_defaults_are_the_library_defaults(command, defaults):
     given = {p.name: p.default for p in main.commands[command].params
