@@ -14,8 +14,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,12 +27,12 @@ import ray
 from screener.dft.gpaw import Settings, calculate_with_timeout, missing_basis, provenance
 from screener.errors import ScreenerError
 from screener.io import Failure, Source, Structure, discover, load, read_records
+from screener.io.files import atomic_path
+from screener.io.records import JARVIS_GAP_KEY, parse_origin, reference_gap
 from screener.training.dataset import (
-    JARVIS_GAP_KEY,
     TrainingSet,
     read_structures,
     read_training_set,
-    reference_gap_value,
     write_training_set,
 )
 
@@ -43,7 +41,6 @@ GAPPED_ABOVE = 0.1
 STAGE = "label"
 LOST = "Ray task lost"  # the worker or node died: not the structure's fault, so tried again
 TIMEOUT = 600.0
-_RECORD_ORIGIN = re.compile(r"^(?P<file>.+\.json(\.gz)?)\[(?P<index>\d+)\]$")
 _SETTINGS_FILE = "settings.json"
 # training-set extra/<name> -> part key
 _EXTRA_FLOATS = {"gpaw_gap": "gap", "vbm": "vbm", "cbm": "cbm", "e_fermi": "e_fermi",
@@ -143,7 +140,7 @@ def read_inputs(path: str | Path) -> list[tuple[Structure | Failure, float]]:
 def load_inputs(sources: Iterable[Source]) -> list[tuple[Structure | Failure, float]]:
     """Read each source in the driver: a label task gets its structure, not a file to find."""
     check = find_spec("gpaw") is not None
-    return [(_with_basis(load(source)) if check else load(source), reference_gap(source.origin))
+    return [(_with_basis(load(source)) if check else load(source), origin_gap(source.origin))
             for source in sources]
 
 
@@ -180,19 +177,19 @@ def shortlist_sources(ids: Iterable[str], origins: Iterable[str]) -> Iterator[So
         yield Source(str(structure_id), str(origin), atoms)
 
 
-def reference_gap(origin: str) -> float:
+def origin_gap(origin: str) -> float:
     """The JARVIS optB88vdW gap of a JSON record input, NaN for files and unknown gaps."""
     record = _record_of(origin)
-    return reference_gap_value(record.get(JARVIS_GAP_KEY)) if record is not None else math.nan
+    return reference_gap(record) if record is not None else math.nan
 
 
 def _record_of(origin: str) -> dict | None:
     """The full JSON record behind a 'file.json.gz[17]' origin; None for other inputs."""
-    match = _RECORD_ORIGIN.match(origin)
-    if match is None:
+    found = parse_origin(origin)
+    if found is None:
         return None
-    records = _records(match["file"])
-    index = int(match["index"])
+    file, index = found
+    records = _records(file)
     record = records[index] if index < len(records) else {}
     return record if isinstance(record, dict) else {}
 
@@ -352,15 +349,10 @@ def _part_path(parts: Path, structure_id: str) -> Path:
 
 
 def write_part(parts: Path, part: dict) -> None:
-    """Write one structure's part durably: tmp file, fsync, rename."""
+    """Write one structure's part durably (io.files.atomic_path)."""
     parts.mkdir(parents=True, exist_ok=True)
-    path = _part_path(parts, part["id"])
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(_part_path(parts, part["id"])) as tmp, open(tmp, "w") as f:
         json.dump(part, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_part(parts: Path, structure_id: str) -> dict:
@@ -479,9 +471,7 @@ def _extra(ok: list[dict]) -> dict[str, np.ndarray]:
 
 
 def _write_failures(path: Path, failed: list[Failure]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "source", "stage", "reason"])
         writer.writerows([f.id, f.source, f.stage, f.reason] for f in failed)
-    os.replace(tmp, path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from screener.io.structure import Problem
@@ -52,6 +54,25 @@ def file_sha256(path: str | Path) -> str:
         while block := fh.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def tmp_path(path: Path) -> Path:
+    """Where `path` is written before it replaces the file: beside it, so the rename is atomic."""
+    return path.with_name(path.name + ".tmp")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write `path` through: after the block it replaces `path` durably, so
+    a reader or a crash sees the old file or the new one, never half of one; after an error it
+    is deleted."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        yield tmp
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def fsync(path: str | Path) -> None:

@@ -1,11 +1,14 @@
-"""JARVIS records (json, json.gz): a list of dicts whose `atoms` holds a structure."""
+"""JARVIS records (json, json.gz): a list of dicts whose `atoms` holds a structure; the one rule
+for a record's id, its origin `file[i]`, and its reference gap."""
 from __future__ import annotations
 
 import gzip
 import io
 import json
+import math
+import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,8 @@ from screener.io.structure import Problem, Source
 from screener.io.text import decode
 
 MAX_RECORDS_BYTES = 2 << 30
+JARVIS_GAP_KEY = "optb88vdw_bandgap"
+_ORIGIN = re.compile(r"^(?P<file>.+\.json(\.gz)?)\[(?P<index>\d+)\]$")
 
 
 def file_sources(file: Path) -> Iterator[Source]:
@@ -32,12 +37,43 @@ def record_sources(file: str | Path, records: list) -> Iterator[Source]:
     """One Source per record of `file` as `read_records` returned them, in order: for callers
     that need the records' other fields too, without reading the file twice."""
     file = Path(file)
-    stem = file.name.split(".")[0]
     for i, record in enumerate(records):
-        fields = record if isinstance(record, dict) else {}
-        atoms = fields.get("atoms")
-        record_id = fields.get("jid") or fields.get("id") or f"{stem}[{i}]"
-        yield Source(str(record_id), f"{file}[{i}]", atoms if isinstance(atoms, dict) else {})
+        atoms = record.get("atoms") if isinstance(record, dict) else None
+        yield Source(record_id(record, file, i), record_origin(file, i),
+                     atoms if isinstance(atoms, dict) else {})
+
+
+def record_id(record: object, file: str | Path, index: int) -> str:
+    """A record's id: its `jid`, else its `id`, else `<file name before its first dot>[index]`."""
+    fields = record if isinstance(record, dict) else {}
+    found = fields.get("jid") or fields.get("id")
+    return str(found) if found else f"{Path(file).name.split('.')[0]}[{index}]"
+
+
+def record_origin(file: str | Path, index: int) -> str:
+    """Where record `index` of `file` came from, as failures and shortlists name it."""
+    return f"{file}[{index}]"
+
+
+def parse_origin(text: str) -> tuple[str, int] | None:
+    """(file, index) of a `record_origin`; None for any other input's origin."""
+    match = _ORIGIN.match(text)
+    return None if match is None else (match["file"], int(match["index"]))
+
+
+def reference_gap(record: dict, key: str = JARVIS_GAP_KEY) -> float:
+    """A record's reference gap in eV; NaN where unknown (JARVIS writes 'na')."""
+    value = record.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return math.nan
+
+
+def reference_gaps(records: Iterable[object], file: str | Path, key: str = JARVIS_GAP_KEY
+                   ) -> dict[str, float]:
+    """Each record's reference gap by its id (record_id); records that are no dict skipped."""
+    return {record_id(record, file, i): reference_gap(record, key)
+            for i, record in enumerate(records) if isinstance(record, dict)}
 
 
 def read_records(file: str | Path) -> list:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from screener.errors import ScreenerError
-from screener.io.files import fsync, replace_durably
+from screener.io.files import atomic_path, fsync
 from screener.results.hdf5 import SchemaError
 from screener.results.shards import KINDS, checked_shard_info
 
@@ -173,12 +173,10 @@ class Manifest:
         journal = self.dir / _journal_name(self.generation)
         journal.write_bytes(b"")
         fsync(journal)
-        path = self.dir / MANIFEST
-        tmp = path.with_name(MANIFEST + ".tmp")
         data = {"schema_version": MANIFEST_VERSION, "config": self.config, "shards": self.shards,
                 "generation": self.generation}
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        replace_durably(tmp, path)
+        with atomic_path(self.dir / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         old.unlink(missing_ok=True)
         self.n_logged = 0
 

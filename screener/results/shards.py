@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from screener.dos import ENERGY_GRID
-from screener.io.files import file_sha256, replace_durably
+from screener.io.files import file_sha256, replace_durably, tmp_path
 from screener.results.hdf5 import (
     LIBVER,
     STR,
@@ -82,7 +82,7 @@ class ShardWriter:
         if missing:
             raise ValueError(f"{path}: {kind} shard attrs lack {missing}")
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = tmp_path(self.path)
         self.attrs = {**attrs, "schema_version": SCHEMA_VERSION, "kind": kind,
                       "screener_version": screener_version(),
                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -26,7 +26,7 @@ from screener.cluster import connect
 from screener.errors import ScreenerError
 from screener.graphs import collate
 from screener.io import discover
-from screener.io.files import file_sha256
+from screener.io.files import atomic_path, file_sha256
 from screener.model import DOSAutoencoder, build_model, load_checkpoint, save_checkpoint, to_tensors
 from screener.training.dataset import SPLIT_METHOD, SPLIT_SEED, read_set_graphs, read_training_set
 from screener.training.gap_set import bounds_excess, read_gap_set, spectrum_bounds
@@ -361,13 +361,12 @@ def fit_autoencoder(settings: dict, out: Path) -> Path:
             weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         elif epoch - best_epoch >= settings["patience"]:
             break
-    tmp = path.with_name(path.name + ".tmp")
     model.load_state_dict(weights)
     spectra = train_dos.cpu().numpy()
     scale = target_scale(encode(model.cpu(), spectra), spectra, settings["loss"])
-    torch.save({"key": key, "weights": weights, "val_mae": best, "best_epoch": best_epoch,
-                "target_scale": scale}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"key": key, "weights": weights, "val_mae": best, "best_epoch": best_epoch,
+                    "target_scale": scale}, tmp)
     return path
 
 
