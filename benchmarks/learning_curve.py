@@ -57,7 +57,7 @@ def subset_file(data: Path, fraction: float, out: Path) -> tuple[Path, int]:
     structures = read_structures(data)
     write_training_set(path, [structures[i] for i in keep], ts.dos[keep], ts.ref_gap[keep],
                        {**provenance, "subset_of": str(data), "train_fraction": fraction},
-                       {name: values[keep] for name, values in ts.extra.items()},
+                       extra={name: values[keep] for name, values in ts.extra.items()},
                        seed=int(ts.attrs["split_seed"]))
     return path, n_train
 

@@ -306,7 +306,7 @@ def _write_training_set(labelled, out: str, seed: int, ref_gaps: str | None) -> 
     if not labelled.structures:
         raise click.ClickException("no usable structures: nothing written")
     write_training_set(out, labelled.structures, labelled.dos, labelled.ref_gap,
-                       labelled.provenance, labelled.extra, seed)
+                       labelled.provenance, extra=labelled.extra, seed=seed)
     known = int(np.isfinite(labelled.ref_gap).sum())
     click.echo(f"wrote {out}: {len(labelled.structures)} structures ({known} with a reference gap), "
                f"{len(labelled.skipped)} skipped")
@@ -329,7 +329,8 @@ def evaluate_model(model_path, data_path, split, out_dir, batch_size, device, ga
     """Score a model on a split: metrics.json, figures and index.html in --out."""
     from screener.training.evaluate import evaluate
 
-    report = evaluate(model_path, data_path, split, out_dir, batch_size, device, gaps)
+    report = evaluate(model_path, data_path, split=split, out_dir=out_dir, batch_size=batch_size,
+                      device=device, gap_file=gaps)
     s, g = report["summary"], report["band_gap"]
     click.echo(f"{s['n']} structures, {split} split from the {report['split']['from']}: "
                f"MAE mean {s['mae_mean']:.4f} median {s['mae_median']:.4f}, baseline "
@@ -488,8 +489,9 @@ def label_command(structures, out, address, workers, timeout, limit, order, kpt_
     if structures is None:
         raise click.UsageError("--structures is required unless --export-only")
     try:
-        summary = label.label(structures, out, label.Settings(kpt_density=kpt_density), address,
-                              workers, timeout, limit, order, retry_failed, progress=not quiet)
+        summary = label.label(structures, out, label.Settings(kpt_density=kpt_density),
+                              address=address, workers=workers, timeout=timeout, limit=limit,
+                              order=order, retry_failed=retry_failed, progress=not quiet)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"{summary.n_selected} selected: {summary.n_already} already done, "

@@ -54,7 +54,7 @@ def small_set(tmp_path_factory, shared_data):
     path = folder / "labels.h5"
     write_training_set(path, [read_structures(GPAW_LABELS)[i] for i in rows], data.dos[rows],
                        data.ref_gap[rows], data.attrs,
-                       {name: values[rows] for name, values in data.extra.items()})
+                       extra={name: values[rows] for name, values in data.extra.items()})
     taken = set(data.ids)
     records = [r for r in read_records(shared_data / "jarvis_structures.json.gz")
                if r["jid"] not in taken and r["optb88vdw_bandgap"] != "na"][:60]

@@ -2,6 +2,7 @@
 and training on it moves predicted spectra inside the bounds."""
 import gzip
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -90,7 +91,7 @@ def test_training_with_the_gap_set_lowers_its_bounds_excess(data_path, records):
     excess = []
     for with_gaps in (False, True):
         task, train_part, _, optimizer, scheduler = local_run(settings)
-        for epoch in range(1, settings["epochs"] + 1):
+        for epoch in range(1, settings.epochs + 1):
             one_epoch(task, train_part, optimizer, scheduler, settings, epoch,
                       gap_part if with_gaps else None)
         excess.append(training.validation_mean(task.trainable, task.decode, gap_part, 16,
@@ -105,10 +106,10 @@ def test_hold_out_and_the_training_set_are_left_out(data_path, records, shared_d
     settings = training.gap_settings(data_path, path, held, 2.0)
     poscars = {source.id for source in discover(shared_data / "poscar")}
     assert set(held) == poscars
-    assert poscars <= set(settings["gap_exclude"]) and settings["gap_weight"] == 2.0
-    assert len(settings["gaps_hash"]) == 64
-    gap_set = read_gap_set(path, settings["gap_exclude"])
-    assert not set(gap_set.ids) & set(settings["gap_exclude"])
+    assert poscars <= set(settings.gap_exclude) and settings.gap_weight == 2.0
+    assert len(settings.gaps_hash) == 64
+    gap_set = read_gap_set(path, settings.gap_exclude)
+    assert not set(gap_set.ids) & set(settings.gap_exclude)
 
 
 def test_hold_out_leaves_the_training_set_too(data_path):  # noqa: F811
@@ -124,10 +125,10 @@ def test_hold_out_leaves_the_training_set_too(data_path):  # noqa: F811
 def test_the_gap_split_does_not_follow_the_training_seed(data_path, records):  # noqa: F811
     path, _ = records
     settings = settings_for(data_path, **training.gap_settings(data_path, path, [], 10.0))
-    first, other = (training.load_gap_parts({**settings, "seed": seed}, 0, 1) for seed in (0, 5))
+    first, other = (training.load_gap_parts(replace(settings, seed=seed), 0, 1) for seed in (0, 5))
     for a, b in zip(first, other, strict=True):
         assert np.array_equal(a.rows, b.rows)
-    assert training.gap_meta({**settings, "seed": 5})["seed"] == SPLIT_SEED
+    assert training.gap_meta(replace(settings, seed=5))["seed"] == SPLIT_SEED
 
 
 def test_labelled_spectra_are_bounded_by_their_own_gap(shared_data):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,25 +29,25 @@ def data_path(shared_data, tmp_path_factory) -> Path:
     return path
 
 
-def settings_for(data_path: Path, **changes) -> dict:
-    return {"data": str(data_path), "data_hash": "test", "arch": "d-alignn", "latent": None,
-            "config": TINY, "batch_size": 4, "lr": 1e-2, "epochs": 20, "patience": 20,
-            "loss": "mse", "amp": False, "workers": 1, "seed": 0, "ae_epochs": 40, "gaps": None,
-            "gaps_hash": None, "gap_weight": None, "gap_exclude": None, "hold_out": [], **changes}
+def settings_for(data_path: Path, **changes) -> training.TrainConfig:
+    return training.TrainConfig(**{
+        "data": str(data_path), "data_hash": "test", "arch": "d-alignn", "latent": None,
+        "config": TINY, "batch_size": 4, "lr": 1e-2, "epochs": 20, "patience": 20, "loss": "mse",
+        "amp": False, "workers": 1, "seed": 0, "ae_epochs": 40, "hold_out": [], **changes})
 
 
-def local_run(settings: dict):
+def local_run(settings: training.TrainConfig):
     """What one worker holds, built without Ray: model, parts, optimizer, scheduler."""
-    torch.manual_seed(settings["seed"])
+    torch.manual_seed(settings.seed)
     task = training.make_task(settings)
-    train_part, val_part = training.load_parts(settings["data"], 0, 1, task.targets_of)
-    steps = -(-len(train_part.rows) // settings["batch_size"])
+    train_part, val_part = training.load_parts(settings.data, 0, 1, task.targets_of)
+    steps = -(-len(train_part.rows) // settings.batch_size)
     optimizer, scheduler = training.optimizers(task.trainable, settings, steps)
     return task, train_part, val_part, optimizer, scheduler
 
 
 def one_epoch(task, part, optimizer, scheduler, settings, epoch: int, gap_part=None) -> float:
-    order = np.random.default_rng([settings["seed"], epoch, 0]).permutation(len(part.rows))
+    order = np.random.default_rng([settings.seed, epoch, 0]).permutation(len(part.rows))
     gap_order = np.arange(len(gap_part.rows)) if gap_part else order[:0]
     return training.train_epoch(task.trainable, task, part, gap_part, optimizer, scheduler,
                                 settings, order, gap_order, torch.device("cpu"))
@@ -85,7 +86,7 @@ def test_checkpoint_resume_gives_identical_weights(data_path, tmp_path):
     training.advance(state, {"epoch": 1, "train_loss": loss, "val_mae": 0.1, "val_score": 0.1}, first[0].model, 5)
     training.write_checkpoint(tmp_path, state, first[0].model, first[3], first[4])
 
-    resumed = local_run({**settings, "seed": 99})
+    resumed = local_run(replace(settings, seed=99))
     saved = training.restore(resumed[0].model, tmp_path)
     resumed[3].load_state_dict(saved["optimizer"])
     resumed[4].load_state_dict(saved["scheduler"])
@@ -105,7 +106,7 @@ def test_resuming_another_run_is_refused(data_path, tmp_path):
     training.write_checkpoint(folder, state, task.model, optimizer, scheduler)
     assert training.latest_checkpoint(tmp_path) == folder
     with pytest.raises(ValueError, match="lr"):
-        training.resumable_state(folder, {**settings, "lr": 0.5})
+        training.resumable_state(folder, replace(settings, lr=0.5))
 
 
 def test_autoencoder_learns_the_spectra_and_is_reused(tmp_path):
@@ -121,7 +122,7 @@ def test_autoencoder_learns_the_spectra_and_is_reused(tmp_path):
     stamp = path.stat().st_mtime_ns
     assert training.fit_autoencoder(settings, tmp_path) == path
     assert path.stat().st_mtime_ns == stamp
-    task = training.make_task({**settings, "autoencoder": str(path)})
+    task = training.make_task(replace(settings, autoencoder=str(path)))
     assert task.targets_of(data.dos[:5]).shape == (5, 12)
     train_dos = data.dos[data.split["train"]]
     assert task.target_scale == pytest.approx(

@@ -73,17 +73,18 @@ def parts_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def label(structures: str | Path, out: str | Path, settings: Settings | None = None,
+def label(structures: str | Path, out: str | Path, settings: Settings | None = None, *,
           address: str | None = None, workers: int | None = None, timeout: float = TIMEOUT,
           limit: int | None = None, order: str = "input", retry_failed: bool = False,
           progress: bool = True) -> LabelSummary:
     """Label the inputs found at `structures` (see read_inputs), in `order`, the first `limit`."""
-    return label_inputs(select(read_inputs(structures), order, limit), out, settings, address,
-                        workers, timeout, retry_failed, progress)
+    return label_inputs(select(read_inputs(structures), order, limit), out, settings,
+                        address=address, workers=workers, timeout=timeout,
+                        retry_failed=retry_failed, progress=progress)
 
 
 def label_inputs(selected: list[tuple[Structure | Failure, float]], out: str | Path,
-                 settings: Settings | None = None, address: str | None = None,
+                 settings: Settings | None = None, *, address: str | None = None,
                  workers: int | None = None, timeout: float = TIMEOUT,
                  retry_failed: bool = False, progress: bool = True) -> LabelSummary:
     """Label every input that has no part yet, then export all parts to `out`. A structure whose

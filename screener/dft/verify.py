@@ -65,7 +65,7 @@ def rank(gaps: np.ndarray, ids: np.ndarray, window: tuple[float, float],
 
 
 def verify(results_dir: str | Path, window: tuple[float, float], n: int,
-           settings: Settings | None = None, address: str | None = None,
+           settings: Settings | None = None, *, address: str | None = None,
            timeout: float = TIMEOUT, progress: bool = True) -> Verification:
     """DFT-label the top `n` structures of the window's shortlist; write verify.h5, verify.csv."""
     results_dir = Path(results_dir)
@@ -74,7 +74,7 @@ def verify(results_dir: str | Path, window: tuple[float, float], n: int,
     ids, sources = shortlist["ids"][top], shortlist["source"][top]
     labels = results_dir / LABELS
     labelling = label_inputs(load_inputs(shortlist_sources(ids, sources)), labels, settings,
-                             address, timeout=timeout, progress=progress)
+                             address=address, timeout=timeout, progress=progress)
     done = [read_part(parts_dir(labels), str(i)) for i in ids]
     dft_gap = np.array([p["gap"] if p["status"] == "ok" else np.nan for p in done], dtype=float)
     lo, hi = window

@@ -125,7 +125,7 @@ def _unit_hash(seed: int, structure_id: str) -> float:
 
 
 def write_training_set(path: str | Path, structures: list[Structure], dos: np.ndarray,
-                       ref_gap: np.ndarray, provenance: dict,
+                       ref_gap: np.ndarray, provenance: dict, *,
                        extra: dict[str, np.ndarray] | None = None, seed: int = SPLIT_SEED) -> None:
     """Build every graph and write the set atomically (tmp file + rename), split included."""
     path = Path(path)

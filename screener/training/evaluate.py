@@ -50,7 +50,7 @@ FIGURES = {
 CALIBRATION_WINDOW = (1.0, 2.0)
 
 
-def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
+def evaluate(model_path: str | Path, data_path: str | Path, *, split: str = "test",
              out_dir: str | Path = "report", batch_size: int = 64, device: str = "cpu",
              gap_file: str | Path | None = None) -> dict:
     """Predict one split, score it and write figures, metrics.json and index.html to `out_dir`.

@@ -53,7 +53,7 @@ class KnownGaps:
 
 
 def fit(model_path: str | Path, data_path: str | Path, gaps_path: str | Path,
-        out_path: str | Path, hold_out: Sequence[str | Path] = (), members: int = MEMBERS,
+        out_path: str | Path, *, hold_out: Sequence[str | Path] = (), members: int = MEMBERS,
         seed: int = 0, batch_size: int = 64) -> dict:
     """Write `out_path`: the model at `model_path` with a fitted, calibrated gap head and its
     applicability domain; returns the validation metrics stored in its meta."""

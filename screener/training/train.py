@@ -14,7 +14,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,7 +55,40 @@ class ResumeError(ScreenerError, ValueError):
     """out_dir holds a run with other settings, which this one must not continue."""
 
 
-def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", latent: int = 12,
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: what `train` was asked, the hashes of its data and gap set, and where
+    it resumes from. The RESUME_KEYS fields are stored in every checkpoint (`resume_keys`) and
+    must match for a later run to continue it; the model's meta keeps them too."""
+
+    data: str
+    data_hash: str
+    arch: str
+    latent: int | None
+    config: dict
+    batch_size: int
+    lr: float
+    epochs: int
+    patience: int
+    loss: str
+    amp: bool
+    workers: int
+    seed: int
+    ae_epochs: int | None
+    hold_out: list[str]
+    gaps: str | None = None
+    gaps_hash: str | None = None
+    gap_weight: float | None = None
+    gap_exclude: list[str] | None = None
+    resume_from: str | None = None
+    autoencoder: str | None = None
+
+    def resume_keys(self) -> dict:
+        """The RESUME_KEYS fields, as a checkpoint stores them."""
+        return {key: getattr(self, key) for key in RESUME_KEYS}
+
+
+def train(data_path: str | Path, out_dir: str | Path, *, arch: str = "d-alignn", latent: int = 12,
           workers: int = 1, gpus_per_worker: float = 0, batch_size: int = 32, lr: float = 1e-3,
           epochs: int = 300, patience: int = 30, loss: str = "mse", amp: bool = False,
           config: dict | None = None, address: str | None = None, seed: int = 0,
@@ -78,31 +111,31 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = Path(data_path).resolve()
-    settings = {"data": str(data), "data_hash": file_sha256(data), "arch": arch,
-                "latent": latent if arch == "ae-alignn" else None, "config": dict(config or {}),
-                "batch_size": batch_size, "lr": lr, "epochs": epochs, "patience": patience,
-                "loss": loss, "amp": amp, "workers": workers, "seed": seed,
-                "ae_epochs": ae_epochs if arch == "ae-alignn" else None,
-                "hold_out": held_out_ids(hold_out)}
-    settings.update(gap_settings(data, gaps, settings["hold_out"], gap_weight))
+    hold_out_ids = held_out_ids(hold_out)
+    cfg = TrainConfig(data=str(data), data_hash=file_sha256(data), arch=arch,
+                      latent=latent if arch == "ae-alignn" else None, config=dict(config or {}),
+                      batch_size=batch_size, lr=lr, epochs=epochs, patience=patience, loss=loss,
+                      amp=amp, workers=workers, seed=seed,
+                      ae_epochs=ae_epochs if arch == "ae-alignn" else None, hold_out=hold_out_ids,
+                      **gap_settings(data, gaps, hold_out_ids, gap_weight))
     resume = latest_checkpoint(out)
-    state = resumable_state(resume, settings) if resume else new_state(settings)
-    settings["resume_from"] = str(resume) if resume else None
+    state = resumable_state(resume, cfg) if resume else new_state(cfg)
+    cfg = replace(cfg, resume_from=str(resume) if resume else None)
     if arch == "ae-alignn":
-        settings["autoencoder"] = str(fit_autoencoder(settings, out))
+        cfg = replace(cfg, autoencoder=str(fit_autoencoder(cfg, out)))
     if not state["early_stopped"] and state["epoch"] < epochs:
         connect(address, worker_logs=True, dashboard=True)
         gpu = {"GPU": gpus_per_worker} if gpus_per_worker else {}
         cpus = cpus_per_worker or worker_cpus(workers, gpus_per_worker)
         TorchTrainer(
             train_loop,
-            train_loop_config=settings,
+            train_loop_config={"train": cfg},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
                                          resources_per_worker={"CPU": cpus, **gpu}),
             run_config=RunConfig(name=RUN_NAME, storage_path=str(out),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         ).fit()
-    return finish(latest_checkpoint(out), settings, out)
+    return finish(latest_checkpoint(out), cfg, out)
 
 
 def worker_cpus(workers: int, gpus_per_worker: float) -> int:
@@ -123,8 +156,8 @@ def held_out_ids(paths: Sequence[str | Path]) -> list[str]:
 
 
 def gap_settings(data: Path, gaps: str | Path | None, hold_out: list[str], weight: float) -> dict:
-    """The gap set's file, hash and weight, and the ids it leaves out (sorted): the training
-    set's and the held-out ones."""
+    """The gap fields of a TrainConfig, as keyword arguments: the gap set's file, hash and
+    weight, and the ids it leaves out (sorted), the training set's and the held-out ones."""
     if gaps is None:
         return {"gaps": None, "gaps_hash": None, "gap_weight": None, "gap_exclude": None}
     gaps = Path(gaps).resolve()
@@ -195,12 +228,12 @@ def load_parts(path: str, rank: int, world: int, targets_of, bounded: bool = Fal
                  for rows in (train_rows, val_rows))
 
 
-def load_gap_parts(settings: dict, rank: int, world: int) -> tuple[Part | None, Part | None]:
+def load_gap_parts(cfg: TrainConfig, rank: int, world: int) -> tuple[Part | None, Part | None]:
     """This rank's shards of the gap set's train and validation splits, from one read of it;
     (None, None) without a gap set."""
-    if not settings["gaps"]:
+    if not cfg.gaps:
         return None, None
-    gap_set = read_gap_set(settings["gaps"], settings["gap_exclude"])
+    gap_set = read_gap_set(cfg.gaps, cfg.gap_exclude)
     return tuple(
         Part(rows, {int(r): gap_set.graphs[r] for r in rows}, None, None, gap_set.bounds[rows])
         for rows in (shard(gap_set.split[split], rank, world, pad=split == "train")
@@ -222,7 +255,7 @@ def graphs_of(part: Part, pick: np.ndarray) -> list[dict]:
 
 
 def train_epoch(net: nn.Module, task: Task, part: Part, gap_part: Part | None, optimizer,
-                scheduler, settings: dict, order: np.ndarray, gap_order: np.ndarray,
+                scheduler, cfg: TrainConfig, order: np.ndarray, gap_order: np.ndarray,
                 device) -> float:
     """One pass over this rank's shard; returns the mean training loss.
 
@@ -232,22 +265,22 @@ def train_epoch(net: nn.Module, task: Task, part: Part, gap_part: Part | None, o
     """
     net.train()
     total, steps = 0.0, 0
-    batch_size = settings["batch_size"]
+    batch_size = cfg.batch_size
     picks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     gap_picks = np.array_split(gap_order, len(picks)) if gap_part else [order[:0]] * len(picks)
     for pick, gap_pick in zip(picks, gap_picks):
         graphs = graphs_of(part, pick) + (graphs_of(gap_part, gap_pick) if gap_part else [])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["amp"]):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             pred = net(to_tensors(collate(graphs), device)).float()
         targets = torch.as_tensor(part.targets[pick], device=device)
-        loss = LOSSES[settings["loss"]](pred[:len(pick)], targets)
+        loss = LOSSES[cfg.loss](pred[:len(pick)], targets)
         own = part.bounds is not None
         bounds = ([part.bounds[pick]] if own else []) + (
             [gap_part.bounds[gap_pick]] if len(gap_pick) else [])
         if bounds:
             bounded = task.decode(pred if own else pred[len(pick):])
             excess = bounds_excess(bounded, torch.as_tensor(np.concatenate(bounds), device=device))
-            loss = loss + settings["gap_weight"] * task.target_scale * excess.mean()
+            loss = loss + cfg.gap_weight * task.target_scale * excess.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -291,15 +324,15 @@ class Task:
     target_scale: float = 1.0
 
 
-def make_task(settings: dict) -> Task:
+def make_task(cfg: TrainConfig) -> Task:
     """D-ALIGNN learns spectra; AE-ALIGNN learns the latent of a frozen, pre-trained autoencoder."""
-    if settings["arch"] == "d-alignn":
-        model = build_model("d-alignn", settings["config"])
+    if cfg.arch == "d-alignn":
+        model = build_model("d-alignn", cfg.config)
         return Task(model, model, lambda out: out, lambda dos: dos)
-    saved = torch.load(settings["autoencoder"], weights_only=True)
-    autoencoder = DOSAutoencoder(settings["latent"])
+    saved = torch.load(cfg.autoencoder, weights_only=True)
+    autoencoder = DOSAutoencoder(cfg.latent)
     autoencoder.load_state_dict(saved["weights"])
-    model = build_model("ae-alignn", {**settings["config"], "latent": settings["latent"]})
+    model = build_model("ae-alignn", {**cfg.config, "latent": cfg.latent})
     model.decoder.load_state_dict(autoencoder.decoder.state_dict())
     model.decoder.requires_grad_(False)
     return Task(model, model.alignn, model.decoder, lambda dos: encode(autoencoder, dos),
@@ -325,27 +358,27 @@ def encode(autoencoder: DOSAutoencoder, dos: np.ndarray) -> np.ndarray:
     return autoencoder.encoder(torch.as_tensor(dos)).numpy()
 
 
-def fit_autoencoder(settings: dict, out: Path) -> Path:
+def fit_autoencoder(cfg: TrainConfig, out: Path) -> Path:
     """Train the DOS autoencoder on the training spectra (MSE in standard scores of log DOS),
     keeping the weights with the best validation reconstruction MAE. Runs in the driver: it is
     small next to ALIGNN. The loss's target_scale is stored with the weights, so workers need not
     read the spectra again. A rerun of the same run reuses out_dir/autoencoder.pt."""
     path = out / "autoencoder.pt"
     key = {"format": AE_FORMAT,
-           **{name: settings[name] for name in ("data_hash", "latent", "seed", "ae_epochs", "loss")}}
+           **{name: getattr(cfg, name) for name in ("data_hash", "latent", "seed", "ae_epochs", "loss")}}
     if path.exists() and torch.load(path, weights_only=True)["key"] == key:
         return path
-    data = read_training_set(settings["data"], graphs=False)
+    data = read_training_set(cfg.data, graphs=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_dos, val_dos = (torch.as_tensor(data.dos[data.split[name]], device=device)
                           for name in ("train", "val"))
-    torch.manual_seed(settings["seed"])
-    model = DOSAutoencoder(settings["latent"]).to(device)
+    torch.manual_seed(cfg.seed)
+    model = DOSAutoencoder(cfg.latent).to(device)
     model.fit_scale(train_dos)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=WEIGHT_DECAY)
-    order = np.random.default_rng(settings["seed"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
+    order = np.random.default_rng(cfg.seed)
     best, best_epoch, weights = math.inf, 0, None
-    for epoch in range(1, settings["ae_epochs"] + 1):
+    for epoch in range(1, cfg.ae_epochs + 1):
         model.train()
         for pick in np.array_split(order.permutation(len(train_dos)),
                                    -(-len(train_dos) // AE_BATCH)):
@@ -359,21 +392,21 @@ def fit_autoencoder(settings: dict, out: Path) -> Path:
         if math.isnan(val) or val < best:
             best, best_epoch = val, epoch
             weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= settings["patience"]:
+        elif epoch - best_epoch >= cfg.patience:
             break
     model.load_state_dict(weights)
     spectra = train_dos.cpu().numpy()
-    scale = target_scale(encode(model.cpu(), spectra), spectra, settings["loss"])
+    scale = target_scale(encode(model.cpu(), spectra), spectra, cfg.loss)
     with atomic_path(path) as tmp:
         torch.save({"key": key, "weights": weights, "val_mae": best, "best_epoch": best_epoch,
                     "target_scale": scale}, tmp)
     return path
 
 
-def new_state(settings: dict) -> dict:
+def new_state(cfg: TrainConfig) -> dict:
     return {"epoch": 0, "best_epoch": 0, "best_val_mae": math.inf, "best_weights": None,
             "history": [], "early_stopped": False, "resumed_at": [],
-            "settings": {key: settings[key] for key in RESUME_KEYS}}
+            "settings": cfg.resume_keys()}
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -387,74 +420,77 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[max(found)] if found else None
 
 
-def resumable_state(checkpoint: Path, settings: dict) -> dict:
+def resumable_state(checkpoint: Path, cfg: TrainConfig) -> dict:
     """The saved state of a run, refusing to continue one that trained something else."""
     state = torch.load(checkpoint / "state.pt", weights_only=True)
-    changed = [key for key in RESUME_KEYS if state["settings"].get(key) != settings[key]]
+    wanted = cfg.resume_keys()
+    changed = [key for key in RESUME_KEYS if state["settings"].get(key) != wanted[key]]
     if changed:
         raise ResumeError(f"{checkpoint.parent.parent} holds a run with other "
                          f"{', '.join(changed)}: train into a new out_dir")
     return state
 
 
-def train_loop(settings: dict) -> None:
+def train_loop(loop_config: dict) -> None:
     """Ray Train worker: resume from the latest checkpoint, then run epochs until the last one
-    or until validation MAE has not improved for `patience` epochs."""
+    or until validation MAE has not improved for `patience` epochs. `loop_config["train"]` is the
+    run's TrainConfig (Ray Train hands a worker a dict)."""
     import ray.train
     import ray.train.torch
 
+    cfg = loop_config["train"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     torch.set_num_threads(threads)
-    torch.manual_seed(settings["seed"])
-    task = make_task(settings)
-    train_part, val_part = load_parts(settings["data"], rank, world, task.targets_of,
-                                      bounded=bool(settings["gaps"]),
-                                      hold_out=settings["hold_out"])
-    gap_train, gap_val = load_gap_parts(settings, rank, world)
-    resume = settings.get("resume_from")
+    torch.manual_seed(cfg.seed)
+    task = make_task(cfg)
+    train_part, val_part = load_parts(cfg.data, rank, world, task.targets_of,
+                                      bounded=bool(cfg.gaps),
+                                      hold_out=cfg.hold_out)
+    gap_train, gap_val = load_gap_parts(cfg, rank, world)
+    resume = cfg.resume_from
     if not resume:
         start_at_mean(task.trainable, train_part.targets)
-    state = restore(task.model, Path(resume)) if resume else new_state(settings)
+    state = restore(task.model, Path(resume)) if resume else new_state(cfg)
     task.model.to(device)
     log(rank, f"{world} worker(s); rank 0 trains on {device} with {threads} torch threads")
     net = ray.train.torch.prepare_model(  # the last layers' edge updates feed no output
         task.trainable, parallel_strategy_kwargs={"find_unused_parameters": True})
-    steps = -(-len(train_part.rows) // settings["batch_size"])
-    optimizer, scheduler = optimizers(task.trainable, settings, steps)
+    steps = -(-len(train_part.rows) // cfg.batch_size)
+    optimizer, scheduler = optimizers(task.trainable, cfg, steps)
     if resume:
         optimizer.load_state_dict(state.pop("optimizer"))
         scheduler.load_state_dict(state.pop("scheduler"))
         log(rank, f"resumed after epoch {state['epoch']} from {resume}")
-    for epoch in range(state["epoch"] + 1, settings["epochs"] + 1):
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         start = time.perf_counter()
-        order = np.random.default_rng([settings["seed"], epoch, rank]).permutation(
+        order = np.random.default_rng([cfg.seed, epoch, rank]).permutation(
             len(train_part.rows))
-        gap_order = (np.random.default_rng([settings["seed"], epoch, rank, 1]).permutation(
+        gap_order = (np.random.default_rng([cfg.seed, epoch, rank, 1]).permutation(
             len(gap_train.rows))[:GAP_SHARE * len(order)] if gap_train else order[:0])
         loss = train_epoch(net, task, train_part, gap_train, optimizer, scheduler,
-                           settings, order, gap_order, device)
-        val, val_gap = (validation_mean(task.trainable, task.decode, part, settings["batch_size"],
-                                        device, settings["amp"]) for part in (val_part, gap_val))
+                           cfg, order, gap_order, device)
+        val, val_gap = (validation_mean(task.trainable, task.decode, part, cfg.batch_size,
+                                        device, cfg.amp) for part in (val_part, gap_val))
         row = {"epoch": epoch, "train_loss": mean_over_ranks(loss, device), "val_mae": val,
-               "val_gap_excess": val_gap, "val_score": val_score(val, val_gap, settings),
+               "val_gap_excess": val_gap, "val_score": val_score(val, val_gap, cfg),
                "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start,
                "threads": threads}
-        advance(state, row, task.model, settings["patience"])
+        advance(state, row, task.model, cfg.patience)
         report(state, task.model, optimizer, scheduler, rank)
         log(rank, "epoch {epoch:4d}  loss {train_loss:.5f}  val MAE {val_mae:.5f}  "
                   "gap excess {val_gap_excess:.5f}  lr {lr:.2e}  {seconds:.1f} s".format(**row))
         if state["early_stopped"]:
-            log(rank, f"early stop: no better validation score for {settings['patience']} epochs")
+            log(rank, f"early stop: no better validation score for {cfg.patience} epochs")
             break
 
 
-def val_score(val_mae: float, val_gap: float, settings: dict) -> float:
+def val_score(val_mae: float, val_gap: float, cfg: TrainConfig) -> float:
     """What early stopping and the kept weights follow: the training objective on validation,
     spectrum MAE plus gap weight x gap-set bounds excess."""
-    return val_mae if math.isnan(val_gap) else val_mae + settings["gap_weight"] * val_gap
+    return val_mae if math.isnan(val_gap) else val_mae + cfg.gap_weight * val_gap
 
 
 def restore(model: nn.Module, checkpoint: Path) -> dict:
@@ -466,12 +502,12 @@ def restore(model: nn.Module, checkpoint: Path) -> dict:
     return state
 
 
-def optimizers(module: nn.Module, settings: dict, steps_per_epoch: int):
+def optimizers(module: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
     """AdamW with a one-cycle schedule over all planned steps (early stopping just cuts it)."""
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=settings["lr"], total_steps=settings["epochs"] * steps_per_epoch)
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     return optimizer, scheduler
 
 
@@ -521,40 +557,40 @@ def log(rank: int, line: str) -> None:
         logging.getLogger(__name__).info(line)
 
 
-def finish(checkpoint: Path, settings: dict, out: Path) -> dict:
+def finish(checkpoint: Path, cfg: TrainConfig, out: Path) -> dict:
     """out_dir/model.pt: the best weights, with the split, data hash and metrics in its meta."""
     model, _ = load_checkpoint(checkpoint / "model.pt")
     state = torch.load(checkpoint / "state.pt", weights_only=True)
     model.load_state_dict(state["best_weights"])
-    data = read_training_set(settings["data"], graphs=False)
+    data = read_training_set(cfg.data, graphs=False)
     best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
     metrics = {"best_epoch": state["best_epoch"], "val_mae": state["best_val_mae"],
                "val_gap_excess": best.get("val_gap_excess", math.nan),
-               "baseline_val_mae": baseline_mae(data, settings["hold_out"]), "epochs_run": state["epoch"],
+               "baseline_val_mae": baseline_mae(data, cfg.hold_out), "epochs_run": state["epoch"],
                "early_stopped": state["early_stopped"], "resumed_at": state["resumed_at"]}
-    if settings["arch"] == "ae-alignn":
-        metrics["reconstruction_val_mae"] = torch.load(settings["autoencoder"],
+    if cfg.arch == "ae-alignn":
+        metrics["reconstruction_val_mae"] = torch.load(cfg.autoencoder,
                                                        weights_only=True)["val_mae"]
     created = datetime.now(timezone.utc)
-    meta = {"model_id": f"{settings['arch']}-{settings['data_hash'][:8]}-{created:%Y%m%dT%H%M%S}",
-            "created": created.isoformat(timespec="seconds"), "data": settings["data"],
-            "data_hash": settings["data_hash"], "data_provenance": data.attrs,
+    meta = {"model_id": f"{cfg.arch}-{cfg.data_hash[:8]}-{created:%Y%m%dT%H%M%S}",
+            "created": created.isoformat(timespec="seconds"), "data": cfg.data,
+            "data_hash": cfg.data_hash, "data_provenance": data.attrs,
             "split": {name: rows.tolist() for name, rows in data.split.items()},
-            "training": {key: settings[key] for key in (*RESUME_KEYS, "patience", "amp", "gaps")
+            "training": {key: getattr(cfg, key) for key in (*RESUME_KEYS, "patience", "amp", "gaps")
                          if key != "gap_exclude"},
-            "gap_set": gap_meta(settings),
+            "gap_set": gap_meta(cfg),
             "metrics": metrics, "history": state["history"]}
     save_checkpoint(out / "model.pt", model, meta)
     write_metrics(out, state["history"], metrics)
     return metrics
 
 
-def gap_meta(settings: dict) -> dict | None:
+def gap_meta(cfg: TrainConfig) -> dict | None:
     """How to rebuild the gap set and its split, which `screen evaluate` scores."""
-    if not settings["gaps"]:
+    if not cfg.gaps:
         return None
-    return {"path": settings["gaps"], "hash": settings["gaps_hash"], "seed": SPLIT_SEED,
-            "split": SPLIT_METHOD, "exclude": settings["gap_exclude"], "weight": settings["gap_weight"]}
+    return {"path": cfg.gaps, "hash": cfg.gaps_hash, "seed": SPLIT_SEED,
+            "split": SPLIT_METHOD, "exclude": cfg.gap_exclude, "weight": cfg.gap_weight}
 
 
 def baseline_mae(data, hold_out: Sequence[str] = ()) -> float:
