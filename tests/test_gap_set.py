@@ -11,6 +11,7 @@ import torch
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
 from screener.io import discover
 from screener.training import train as training
+from screener.training.config import gap_settings
 from screener.training.dataset import SPLIT_SEED, from_json
 from screener.training.gap_set import (
     EDGE_MARGIN,
@@ -20,6 +21,7 @@ from screener.training.gap_set import (
     read_gap_set,
     spectrum_bounds,
 )
+from screener.training.parts import load_gap_parts, load_parts
 from tests.test_train import data_path, local_run, one_epoch, settings_for  # noqa: F401
 
 SMALL = 80
@@ -86,8 +88,8 @@ def test_reads_real_records_minus_exclusions_with_a_seeded_split(records):
 def test_training_with_the_gap_set_lowers_its_bounds_excess(data_path, records):  # noqa: F811
     """Same model, data, seed and steps, with and without the gap term."""
     path, _ = records
-    settings = settings_for(data_path, **training.gap_settings(data_path, path, [], 10.0))
-    gap_part, _ = training.load_gap_parts(settings, 0, 1)
+    settings = settings_for(data_path, **gap_settings(data_path, path, [], 10.0))
+    gap_part, _ = load_gap_parts(settings, 0, 1)
     excess = []
     for with_gaps in (False, True):
         task, train_part, _, optimizer, scheduler = local_run(settings)
@@ -103,7 +105,7 @@ def test_training_with_the_gap_set_lowers_its_bounds_excess(data_path, records):
 def test_hold_out_and_the_training_set_are_left_out(data_path, records, shared_data):  # noqa: F811
     path, _ = records
     held = training.held_out_ids([shared_data / "poscar"])
-    settings = training.gap_settings(data_path, path, held, 2.0)
+    settings = gap_settings(data_path, path, held, 2.0)
     poscars = {source.id for source in discover(shared_data / "poscar")}
     assert set(held) == poscars
     assert poscars <= set(settings.gap_exclude) and settings.gap_weight == 2.0
@@ -115,8 +117,8 @@ def test_hold_out_and_the_training_set_are_left_out(data_path, records, shared_d
 def test_hold_out_leaves_the_training_set_too(data_path):  # noqa: F811
     data = training.read_training_set(data_path, graphs=False)
     held = [str(data.ids[data.split["train"][0]]), str(data.ids[data.split["val"][0]])]
-    full = training.load_parts(str(data_path), 0, 1, lambda dos: dos)
-    kept = training.load_parts(str(data_path), 0, 1, lambda dos: dos, hold_out=held)
+    full = load_parts(str(data_path), 0, 1, lambda dos: dos)
+    kept = load_parts(str(data_path), 0, 1, lambda dos: dos, hold_out=held)
     for before, after in zip(full, kept):
         assert len(after.rows) == len(before.rows) - 1
         assert not set(data.ids[after.rows].astype(str)) & set(held)
@@ -124,8 +126,8 @@ def test_hold_out_leaves_the_training_set_too(data_path):  # noqa: F811
 
 def test_the_gap_split_does_not_follow_the_training_seed(data_path, records):  # noqa: F811
     path, _ = records
-    settings = settings_for(data_path, **training.gap_settings(data_path, path, [], 10.0))
-    first, other = (training.load_gap_parts(replace(settings, seed=seed), 0, 1) for seed in (0, 5))
+    settings = settings_for(data_path, **gap_settings(data_path, path, [], 10.0))
+    first, other = (load_gap_parts(replace(settings, seed=seed), 0, 1) for seed in (0, 5))
     for a, b in zip(first, other, strict=True):
         assert np.array_equal(a.rows, b.rows)
     assert training.gap_meta(replace(settings, seed=5))["seed"] == SPLIT_SEED

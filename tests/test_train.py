@@ -18,7 +18,10 @@ from conftest import GPAW_LABELS, TINY, ray_workers, repo_env
 from screener.cli import main
 from screener.model import build_model, load_checkpoint
 from screener.training import train as training
+from screener.training.config import TrainConfig
 from screener.training.dataset import from_json, read_training_set, write_training_set
+from screener.training.parts import load_parts, shard
+from screener.training.task import fit_autoencoder, make_task, target_scale
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +32,18 @@ def data_path(shared_data, tmp_path_factory) -> Path:
     return path
 
 
-def settings_for(data_path: Path, **changes) -> training.TrainConfig:
-    return training.TrainConfig(**{
+def settings_for(data_path: Path, **changes) -> TrainConfig:
+    return TrainConfig(**{
         "data": str(data_path), "data_hash": "test", "arch": "d-alignn", "latent": None,
         "config": TINY, "batch_size": 4, "lr": 1e-2, "epochs": 20, "patience": 20, "loss": "mse",
         "amp": False, "workers": 1, "seed": 0, "ae_epochs": 40, "hold_out": [], **changes})
 
 
-def local_run(settings: training.TrainConfig):
+def local_run(settings: TrainConfig):
     """What one worker holds, built without Ray: model, parts, optimizer, scheduler."""
     torch.manual_seed(settings.seed)
-    task = training.make_task(settings)
-    train_part, val_part = training.load_parts(settings.data, 0, 1, task.targets_of)
+    task = make_task(settings)
+    train_part, val_part = load_parts(settings.data, 0, 1, task.targets_of)
     steps = -(-len(train_part.rows) // settings.batch_size)
     optimizer, scheduler = training.optimizers(task.trainable, settings, steps)
     return task, train_part, val_part, optimizer, scheduler
@@ -55,10 +58,10 @@ def one_epoch(task, part, optimizer, scheduler, settings, epoch: int, gap_part=N
 
 def test_shards_have_equal_steps_and_cover_the_split():
     rows = np.arange(7)
-    train = [training.shard(rows, r, 2, pad=True) for r in range(2)]
+    train = [shard(rows, r, 2, pad=True) for r in range(2)]
     assert [len(s) for s in train] == [4, 4]
     assert set(np.concatenate(train)) == set(rows)
-    val = [training.shard(rows[:1], r, 2, pad=False) for r in range(2)]
+    val = [shard(rows[:1], r, 2, pad=False) for r in range(2)]
     assert [len(s) for s in val] == [1, 0]
 
 
@@ -113,20 +116,20 @@ def test_autoencoder_learns_the_spectra_and_is_reused(tmp_path):
     """On the project's GPAW spectra: the kept autoencoder reconstructs unseen validation
     spectra better than the mean training spectrum describes them."""
     settings = settings_for(GPAW_LABELS, arch="ae-alignn", latent=12, data_hash="abc")
-    path = training.fit_autoencoder(settings, tmp_path)
+    path = fit_autoencoder(settings, tmp_path)
     saved = torch.load(path, weights_only=True)
     data = read_training_set(GPAW_LABELS, graphs=False)
     mean_spectrum = data.dos[data.split["train"]].mean(0)
     baseline = float(np.abs(mean_spectrum - data.dos[data.split["val"]]).mean())
     assert saved["val_mae"] < baseline
     stamp = path.stat().st_mtime_ns
-    assert training.fit_autoencoder(settings, tmp_path) == path
+    assert fit_autoencoder(settings, tmp_path) == path
     assert path.stat().st_mtime_ns == stamp
-    task = training.make_task(replace(settings, autoencoder=str(path)))
+    task = make_task(replace(settings, autoencoder=str(path)))
     assert task.targets_of(data.dos[:5]).shape == (5, 12)
     train_dos = data.dos[data.split["train"]]
     assert task.target_scale == pytest.approx(
-        training.target_scale(task.targets_of(train_dos), train_dos, "mse"), rel=1e-5)
+        target_scale(task.targets_of(train_dos), train_dos, "mse"), rel=1e-5)
     assert not any(p.requires_grad for p in task.model.decoder.parameters())
 
 
@@ -134,9 +137,9 @@ def test_gap_term_follows_the_units_of_the_spectrum_loss(data_path):
     """AE-ALIGNN's spectrum loss is on latent codes: the gap term, on decoded spectra, is
     scaled by how the mean target's loss compares with the mean spectrum's."""
     dos = read_training_set(data_path, graphs=False).dos
-    assert training.target_scale(10 * dos, dos, "l1") == pytest.approx(10, rel=1e-5)
-    assert training.target_scale(10 * dos, dos, "mse") == pytest.approx(100, rel=1e-5)
-    assert training.make_task(settings_for(data_path)).target_scale == 1
+    assert target_scale(10 * dos, dos, "l1") == pytest.approx(10, rel=1e-5)
+    assert target_scale(10 * dos, dos, "mse") == pytest.approx(100, rel=1e-5)
+    assert make_task(settings_for(data_path)).target_scale == 1
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,19 +26,25 @@ from screener.cluster import connect
 from screener.errors import ScreenerError
 from screener.graphs import collate
 from screener.io import discover
-from screener.io.files import atomic_path, file_sha256
-from screener.model import DOSAutoencoder, build_model, load_checkpoint, save_checkpoint, to_tensors
-from screener.training.dataset import SPLIT_METHOD, SPLIT_SEED, read_set_graphs, read_training_set
-from screener.training.gap_set import bounds_excess, read_gap_set, spectrum_bounds
+from screener.io.files import file_sha256
+from screener.model import load_checkpoint, save_checkpoint, to_tensors
+from screener.training.config import RESUME_KEYS, TrainConfig, gap_settings
+from screener.training.dataset import SPLIT_METHOD, SPLIT_SEED, read_training_set
+from screener.training.gap_set import bounds_excess
 from screener.training.metrics import baseline_spectrum, spectrum_mae
+from screener.training.parts import Part, batches, graphs_of, load_gap_parts, load_parts
+from screener.training.task import (
+    LOSSES,
+    WEIGHT_DECAY,
+    Task,
+    fit_autoencoder,
+    make_task,
+    start_at_mean,
+)
 
 ARCHS = ("d-alignn", "ae-alignn")
-LOSSES = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss}
 LATENT_SWEEP = (8, 12, 16, 20)
 RUN_NAME = "ray"
-AE_BATCH = 32
-AE_FORMAT = 4  # 3: log spectra; 4: target_scale stored; an older autoencoder.pt is retrained
-WEIGHT_DECAY = 1e-5
 # Gap-set structures per labelled structure in an epoch, drawn afresh each epoch: the gap set
 # is ~6x the labelled one, and a full pass over it per epoch made epochs 7x slower.
 GAP_SHARE = 1
@@ -46,46 +52,10 @@ GAP_SHARE = 1
 # epoch that predicted every structure metallic, 5 and 10 found 14 and 13 of 17 gapped; with
 # 271, 5 and 10 found 17 and 18 of 23 (patience 60).
 GAP_WEIGHT = 10.0
-# A resumed run must train the same thing the same way, or its checkpoint means nothing.
-RESUME_KEYS = ("data_hash", "arch", "latent", "ae_epochs", "config", "batch_size", "lr", "epochs",
-               "loss", "workers", "seed", "gaps_hash", "gap_weight", "gap_exclude", "hold_out")
 
 
 class ResumeError(ScreenerError, ValueError):
     """out_dir holds a run with other settings, which this one must not continue."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run: what `train` was asked, the hashes of its data and gap set, and where
-    it resumes from. The RESUME_KEYS fields are stored in every checkpoint (`resume_keys`) and
-    must match for a later run to continue it; the model's meta keeps them too."""
-
-    data: str
-    data_hash: str
-    arch: str
-    latent: int | None
-    config: dict
-    batch_size: int
-    lr: float
-    epochs: int
-    patience: int
-    loss: str
-    amp: bool
-    workers: int
-    seed: int
-    ae_epochs: int | None
-    hold_out: list[str]
-    gaps: str | None = None
-    gaps_hash: str | None = None
-    gap_weight: float | None = None
-    gap_exclude: list[str] | None = None
-    resume_from: str | None = None
-    autoencoder: str | None = None
-
-    def resume_keys(self) -> dict:
-        """The RESUME_KEYS fields, as a checkpoint stores them."""
-        return {key: getattr(self, key) for key in RESUME_KEYS}
 
 
 def train(data_path: str | Path, out_dir: str | Path, *, arch: str = "d-alignn", latent: int = 12,
@@ -155,103 +125,11 @@ def held_out_ids(paths: Sequence[str | Path]) -> list[str]:
     return sorted({source.id for path in paths for source in discover(path)})
 
 
-def gap_settings(data: Path, gaps: str | Path | None, hold_out: list[str], weight: float) -> dict:
-    """The gap fields of a TrainConfig, as keyword arguments: the gap set's file, hash and
-    weight, and the ids it leaves out (sorted), the training set's and the held-out ones."""
-    if gaps is None:
-        return {"gaps": None, "gaps_hash": None, "gap_weight": None, "gap_exclude": None}
-    gaps = Path(gaps).resolve()
-    exclude = {str(i) for i in read_training_set(data, graphs=False).ids} | set(hold_out)
-    return {"gaps": str(gaps), "gaps_hash": file_sha256(gaps), "gap_weight": weight,
-            "gap_exclude": sorted(exclude)}
-
-
 def latent_sweep(data_path: str | Path, out_dir: str | Path, latents=LATENT_SWEEP,
                  **options) -> list[dict]:
     """AE-ALIGNN for each latent size k (paper Table 1), one out_dir/k<k> each."""
     return [{"latent": k, **train(data_path, Path(out_dir) / f"k{k}", arch="ae-alignn",
                                    latent=k, **options)} for k in latents]
-
-
-@dataclass
-class Part:
-    """One worker's share of a split: rows of the set, their graphs, model targets, spectra
-    and DOS bounds; a gap set has bounds only, a labelled set bounds only with --gaps."""
-
-    rows: np.ndarray
-    graphs: dict[int, dict]
-    targets: np.ndarray | None
-    dos: np.ndarray | None
-    bounds: np.ndarray | None
-
-
-def shard(indices: np.ndarray, rank: int, world: int, pad: bool) -> np.ndarray:
-    """This rank's indices; padding (wrapping around) gives every rank the same step count,
-    which DDP needs, while validation stays unpadded so no structure counts twice."""
-    if pad and len(indices):
-        indices = np.resize(indices, -(-len(indices) // world) * world)
-    return indices[rank::world]
-
-
-@torch.no_grad()
-def start_at_mean(net: nn.Module, targets: np.ndarray) -> None:
-    """Set the head's bias so a fresh network predicts the mean training target.
-
-    An untrained softplus head outputs about log 2 = 0.69 per bin against spectra near 0.02,
-    so the first epochs would only learn the scale; starting at the mean (the baseline) and a
-    small head lets every step go to structure-specific detail.
-    """
-    mean = torch.as_tensor(targets.mean(0), dtype=net.fc.bias.dtype)
-    if net.nonnegative:
-        mean = mean.clamp_min(1e-4)
-        mean = mean + torch.log(-torch.expm1(-mean))  # inverse softplus
-    net.fc.bias.copy_(mean)
-    net.fc.weight.mul_(0.1)
-
-
-def load_parts(path: str, rank: int, world: int, targets_of, bounded: bool = False,
-               hold_out: Sequence[str] = ()) -> tuple[Part, Part]:
-    """The train and validation shards of this rank without the `hold_out` ids, graphs read
-    for those rows only; `bounded` adds the bounds of each spectrum's own gap
-    (gap_set.spectrum_bounds)."""
-    data = read_training_set(path, graphs=False)
-    kept = {name: rows[~np.isin(data.ids[rows].astype(str), list(hold_out))]
-            for name, rows in data.split.items()}
-    train_rows = shard(kept["train"], rank, world, pad=True)
-    val_rows = shard(kept["val"], rank, world, pad=False)
-    needed = np.unique(np.concatenate([train_rows, val_rows]))
-    graphs = dict(zip(needed.tolist(), read_set_graphs(path, needed)))
-    targets = targets_of(data.dos)
-    bounds = spectrum_bounds(data.dos) if bounded else None
-    return tuple(Part(rows, {int(r): graphs[int(r)] for r in rows}, targets[rows], data.dos[rows],
-                      None if bounds is None else bounds[rows])
-                 for rows in (train_rows, val_rows))
-
-
-def load_gap_parts(cfg: TrainConfig, rank: int, world: int) -> tuple[Part | None, Part | None]:
-    """This rank's shards of the gap set's train and validation splits, from one read of it;
-    (None, None) without a gap set."""
-    if not cfg.gaps:
-        return None, None
-    gap_set = read_gap_set(cfg.gaps, cfg.gap_exclude)
-    return tuple(
-        Part(rows, {int(r): gap_set.graphs[r] for r in rows}, None, None, gap_set.bounds[rows])
-        for rows in (shard(gap_set.split[split], rank, world, pad=split == "train")
-                     for split in ("train", "val")))
-
-
-def batches(part: Part, batch_size: int, device, order: np.ndarray | None = None):
-    """(graph batch, spectra or None, bounds or None) tensors in `order` (default: stored)."""
-    order = np.arange(len(part.rows)) if order is None else order
-    for start in range(0, len(order), batch_size):
-        pick = order[start:start + batch_size]
-        yield (to_tensors(collate(graphs_of(part, pick)), device),
-               *(None if values is None else torch.as_tensor(values[pick], device=device)
-                 for values in (part.dos, part.bounds)))
-
-
-def graphs_of(part: Part, pick: np.ndarray) -> list[dict]:
-    return [part.graphs[int(part.rows[i])] for i in pick]
 
 
 def train_epoch(net: nn.Module, task: Task, part: Part, gap_part: Part | None, optimizer,
@@ -309,98 +187,6 @@ def validation_mean(net: nn.Module, decode, part: Part | None, batch_size: int, 
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     return float(sums[0] / sums[1]) if sums[1] else float("nan")
-
-
-@dataclass
-class Task:
-    """What a worker trains: `model` is what gets saved, `trainable` the part DDP wraps,
-    `decode` maps its output to a spectrum, `targets_of` maps spectra to its targets and
-    `target_scale` is how much larger the loss is in target units than in DOS units."""
-
-    model: nn.Module
-    trainable: nn.Module
-    decode: object
-    targets_of: object
-    target_scale: float = 1.0
-
-
-def make_task(cfg: TrainConfig) -> Task:
-    """D-ALIGNN learns spectra; AE-ALIGNN learns the latent of a frozen, pre-trained autoencoder."""
-    if cfg.arch == "d-alignn":
-        model = build_model("d-alignn", cfg.config)
-        return Task(model, model, lambda out: out, lambda dos: dos)
-    saved = torch.load(cfg.autoencoder, weights_only=True)
-    autoencoder = DOSAutoencoder(cfg.latent)
-    autoencoder.load_state_dict(saved["weights"])
-    model = build_model("ae-alignn", {**cfg.config, "latent": cfg.latent})
-    model.decoder.load_state_dict(autoencoder.decoder.state_dict())
-    model.decoder.requires_grad_(False)
-    return Task(model, model.alignn, model.decoder, lambda dos: encode(autoencoder, dos),
-                saved["target_scale"])
-
-
-def target_scale(targets: np.ndarray, dos: np.ndarray, loss: str) -> float:
-    """The mean training target's loss over the mean training spectrum's loss.
-
-    AE-ALIGNN's loss is on latent codes, 130-165x the DOS scale in L1 on the GPAW set, while
-    the gap term is on decoded spectra: scaled by this, it weighs against the spectrum loss as
-    it does for D-ALIGNN, and --gap-weight means the same for both.
-    """
-    def baseline(values: np.ndarray) -> float:
-        values = torch.as_tensor(values)
-        return float(LOSSES[loss](values.mean(0).expand_as(values), values))
-
-    return baseline(targets) / baseline(dos)
-
-
-@torch.no_grad()
-def encode(autoencoder: DOSAutoencoder, dos: np.ndarray) -> np.ndarray:
-    return autoencoder.encoder(torch.as_tensor(dos)).numpy()
-
-
-def fit_autoencoder(cfg: TrainConfig, out: Path) -> Path:
-    """Train the DOS autoencoder on the training spectra (MSE in standard scores of log DOS),
-    keeping the weights with the best validation reconstruction MAE. Runs in the driver: it is
-    small next to ALIGNN. The loss's target_scale is stored with the weights, so workers need not
-    read the spectra again. A rerun of the same run reuses out_dir/autoencoder.pt."""
-    path = out / "autoencoder.pt"
-    key = {"format": AE_FORMAT,
-           **{name: getattr(cfg, name) for name in ("data_hash", "latent", "seed", "ae_epochs", "loss")}}
-    if path.exists() and torch.load(path, weights_only=True)["key"] == key:
-        return path
-    data = read_training_set(cfg.data, graphs=False)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train_dos, val_dos = (torch.as_tensor(data.dos[data.split[name]], device=device)
-                          for name in ("train", "val"))
-    torch.manual_seed(cfg.seed)
-    model = DOSAutoencoder(cfg.latent).to(device)
-    model.fit_scale(train_dos)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
-    order = np.random.default_rng(cfg.seed)
-    best, best_epoch, weights = math.inf, 0, None
-    for epoch in range(1, cfg.ae_epochs + 1):
-        model.train()
-        for pick in np.array_split(order.permutation(len(train_dos)),
-                                   -(-len(train_dos) // AE_BATCH)):
-            loss = model.loss(train_dos[pick])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            val = float((model(val_dos) - val_dos).abs().mean())
-        if math.isnan(val) or val < best:
-            best, best_epoch = val, epoch
-            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= cfg.patience:
-            break
-    model.load_state_dict(weights)
-    spectra = train_dos.cpu().numpy()
-    scale = target_scale(encode(model.cpu(), spectra), spectra, cfg.loss)
-    with atomic_path(path) as tmp:
-        torch.save({"key": key, "weights": weights, "val_mae": best, "best_epoch": best_epoch,
-                    "target_scale": scale}, tmp)
-    return path
 
 
 def new_state(cfg: TrainConfig) -> dict:
