@@ -7,18 +7,24 @@ The file's keys are `screen run` options (see `screen run --help`; `out` is -o);
 the cluster it was submitted to (`address = "auto"` unless the file says otherwise).
 """
 import sys
+from dataclasses import fields
+from pathlib import Path
 
 import tomllib
 
+from screener.pipeline import RunOptions
 from screener.screen import screen
 from screener.shipped import resolve_model
 from screener.window import parse_window
 
+RUN_KEYS = {f.name for f in fields(RunOptions)}
 
-def screen_options(config: dict) -> tuple[dict, bool]:
-    """TOML keys -> keyword arguments of `screen`, and whether the job is --strict."""
+
+def screen_call(config: dict) -> tuple[RunOptions, dict, bool]:
+    """TOML keys -> the RunOptions and keyword arguments of `screen`, and whether the job is
+    --strict."""
     options = {"address": "auto", **config}
-    options["out_dir"] = options.pop("out", "results")
+    options["out_dir"] = Path(options.pop("out", "results"))
     options["model"] = resolve_model(options.get("model"))
     if "bandgap" in options:
         options["bandgap"] = parse_window(options["bandgap"])
@@ -26,13 +32,14 @@ def screen_options(config: dict) -> tuple[dict, bool]:
         options["verify_top"] = options.pop("verify")
     options["progress"] = not options.pop("quiet", False)
     strict = options.pop("strict", False)
-    return options, strict
+    opts = RunOptions(**{key: options.pop(key) for key in list(options) if key in RUN_KEYS})
+    return opts, options, strict
 
 
 def main(path: str) -> None:
     with open(path, "rb") as fh:
-        options, strict = screen_options(tomllib.load(fh))
-    summary = screen(**options)
+        opts, options, strict = screen_call(tomllib.load(fh))
+    summary = screen(opts, **options)
     run = summary.run
     print(f"read {run.n_read}  failed {run.n_failed}  predicted {run.n_predicted}  "
           f"({run.seconds:.1f} s; {run.n_skipped_shards} shards resumed)")

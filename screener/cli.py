@@ -112,14 +112,15 @@ MODEL_HELP = ("Checkpoint file, `screen train` run folder, or a shipped model: d
 def run(structures, bandgap, out_dir, model, address, device, workers, batch_size, shard_size,
         strict, quiet, verify_top, min_probability, strict_domain):
     """Predict the DOS of every structure and shortlist those whose gap is in --bandgap."""
+    from screener.pipeline import RunOptions
     from screener.screen import OptionError, screen
 
+    opts = RunOptions(structures=structures, out_dir=Path(out_dir), model=model, address=address,
+                      device=device, workers=workers, batch_size=batch_size,
+                      shard_size=shard_size)
     try:
-        summary = screen(structures=structures, out_dir=out_dir, model=model, bandgap=bandgap,
-                         address=address, device=device, workers=workers,
-                         batch_size=batch_size, shard_size=shard_size,
-                         min_probability=min_probability, strict_domain=strict_domain,
-                         verify_top=verify_top, progress=not quiet)
+        summary = screen(opts, bandgap=bandgap, min_probability=min_probability,
+                         strict_domain=strict_domain, verify_top=verify_top, progress=not quiet)
     except OptionError as error:
         raise click.UsageError(str(error)) from None
     _print_run(summary.run)
@@ -199,15 +200,15 @@ def query(results, bandgap, elements, exclude, formula, dos_at_ef, n_atoms, min_
     """Filter the predictions of a (possibly still running) screening job."""
     import sys
 
-    from screener.results.query import UnknownColumn, query
+    from screener.results import query as results_query
     from screener.results.tables import format_table, to_json, with_units, write_csv
 
     try:
-        rows = with_units(query(
+        rows = with_units(results_query.query(
             results, bandgap=bandgap, elements=elements, exclude=exclude, formula=formula,
             dos_at_ef=dos_at_ef, n_atoms=n_atoms, min_probability=min_probability, sort=sort,
             limit=limit))
-    except UnknownColumn as error:
+    except results_query.UnknownColumn as error:
         raise click.BadParameter(str(error), param_hint="'--sort'") from None
     if len(rows["ids"]) == 0:
         click.echo("0 matches", err=True)

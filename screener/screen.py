@@ -10,7 +10,7 @@ import numpy as np
 
 from screener import pipeline
 from screener.errors import ScreenerError
-from screener.io import MAX_ATOMS, Failure
+from screener.io import Failure
 from screener.progress import progress_printer
 from screener.results.manifest import complete_shards
 from screener.results.query import default_min_probability, query, read_failures, read_predictions
@@ -42,13 +42,11 @@ class ScreenSummary:
     verification: Verification | None = None
 
 
-def screen(*, structures: str | Path, out_dir: str | Path, model: str | Path,
-           bandgap: tuple[float, float] | None = None, address: str | None = None,
-           device: str = "auto", workers: int | None = None, batch_size: int = 64,
-           shard_size: int = 256, max_atoms: int = MAX_ATOMS,
+def screen(opts: pipeline.RunOptions, *, bandgap: tuple[float, float] | None = None,
            min_probability: float | None = None, strict_domain: bool = False,
            verify_top: int | None = None, progress: bool = True) -> ScreenSummary:
-    """Screen every structure under `structures` into `out_dir`; a rerun resumes (pipeline.run).
+    """Screen every structure under `opts.structures` into `opts.out_dir`; a rerun resumes
+    (pipeline.run).
 
     With `bandgap`, shortlist.csv lists the structures whose gap is inside or whose P(gap in
     window) >= `min_probability` (default: the model's), leaving out those outside the model's
@@ -57,10 +55,7 @@ def screen(*, structures: str | Path, out_dir: str | Path, model: str | Path,
     """
     if verify_top is not None:
         _check_verify(bandgap)
-    opts = pipeline.RunOptions(structures=str(structures), out_dir=Path(out_dir),
-                               model=Path(model), address=address, device=device,
-                               workers=workers, batch_size=batch_size, shard_size=shard_size,
-                               max_atoms=max_atoms)
+    out_dir = opts.out_dir
     with progress_printer(disable=not progress) as on_progress:
         run = pipeline.run(opts, on_progress)
     failures = read_failures(out_dir)
@@ -74,7 +69,7 @@ def screen(*, structures: str | Path, out_dir: str | Path, model: str | Path,
     path = Path(out_dir) / SHORTLIST
     write_csv(rows, path)
     checked = (None if verify_top is None
-               else _verify(out_dir, bandgap, verify_top, address, progress))
+               else _verify(out_dir, bandgap, verify_top, opts.address, progress))
     return ScreenSummary(run, failures, outside, rows, path, min_probability, checked)
 
 

@@ -14,6 +14,7 @@ from conftest import repo_env
 from screener.cli import main
 from screener.dft import gpaw as dft
 from screener.dft import label
+from screener.pipeline import RunOptions
 from screener.results.manifest import LOCK, MANIFEST, Manifest
 from screener.results.shards import shard_name, write_prediction_shard
 from screener.screen import screen
@@ -33,7 +34,7 @@ def dataclass_defaults(cls) -> dict:
 @pytest.mark.parametrize("command, defaults", [
     ("train", signature_defaults(train.train)),
     ("label", {**signature_defaults(label.label), **dataclass_defaults(dft.Settings)}),
-    ("run", signature_defaults(screen)),
+    ("run", {**dataclass_defaults(RunOptions), **signature_defaults(screen)}),
 ])
 def test_cli_defaults_are_the_library_defaults(command, defaults):
     given = {p.name: p.default for p in main.commands[command].params

@@ -3,11 +3,13 @@ import csv
 import importlib.util
 import inspect
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import REPO
 
+from screener.pipeline import RunOptions
 from screener.screen import OptionError, screen
 from screener.shipped import shipped_model
 
@@ -24,30 +26,30 @@ def test_screen_returns_the_shortlist_it_writes(ray_local, shared_data, tiny_mod
     inputs.mkdir()
     for path in sorted((shared_data / "poscar").iterdir())[:6]:
         shutil.copy(path, inputs)
-    out = tmp_path / "out"
-    summary = screen(structures=inputs, out_dir=out, model=tiny_model, bandgap=(0.0, np.inf),
-                     min_probability=0.0, progress=False)
+    opts = RunOptions(str(inputs), tmp_path / "out", tiny_model)
+    summary = screen(opts, bandgap=(0.0, np.inf), min_probability=0.0, progress=False)
     assert (summary.run.n_read, summary.run.n_predicted, summary.failures) == (6, 6, [])
-    assert summary.shortlist_path == out / "shortlist.csv" and summary.min_probability == 0.0
+    assert summary.shortlist_path == opts.out_dir / "shortlist.csv"
+    assert summary.min_probability == 0.0
     with open(summary.shortlist_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [row["ids"] for row in rows] == list(summary.shortlist["ids"])
     assert len(rows) == 6 and "band_gap_eV" in rows[0]
-    again = screen(structures=inputs, out_dir=out, model=tiny_model, progress=False)
+    again = screen(opts, progress=False)
     assert again.run.n_skipped_shards == 1 and again.shortlist is None
 
 
 def test_verify_without_a_window_is_refused_before_any_work(tmp_path):
     with pytest.raises(OptionError, match="--verify checks the top"):
-        screen(structures=tmp_path, out_dir=tmp_path / "out", model=tmp_path, verify_top=1)
+        screen(RunOptions(str(tmp_path), tmp_path / "out", tmp_path), verify_top=1)
     assert not (tmp_path / "out").exists()
 
 
-def test_campaign_keys_become_screen_keywords():
-    options, strict = campaign_module().screen_options(
+def test_campaign_keys_become_screen_arguments():
+    opts, options, strict = campaign_module().screen_call(
         {"structures": "in", "bandgap": "1.4:1.6", "out": "o", "shard_size": 512, "quiet": True,
          "verify": 3, "strict": True})
-    assert strict and options == {
-        "address": "auto", "structures": "in", "bandgap": (1.4, 1.6), "out_dir": "o",
-        "shard_size": 512, "verify_top": 3, "model": shipped_model(), "progress": False}
+    assert strict and opts == RunOptions("in", Path("o"), shipped_model(), address="auto",
+                                         shard_size=512)
+    assert options == {"bandgap": (1.4, 1.6), "verify_top": 3, "progress": False}
     assert set(options) <= set(inspect.signature(screen).parameters)
