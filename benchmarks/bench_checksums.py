@@ -18,7 +18,10 @@ from pathlib import Path
 import h5py
 from bench_startup import make_results
 
-from screener import store
+from screener.results.hdf5 import attr
+from screener.results.manifest import Manifest
+from screener.results.query import query, read_predictions
+from screener.results.shards import shard_info
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "perov5_structures.json.gz"
 QUERIES = {
@@ -33,7 +36,7 @@ def unchecked_copy(source: Path, target: Path) -> None:
     """`source` as written before checksums."""
     with h5py.File(source, "r") as old, h5py.File(target, "w") as new:
         for key in old.attrs:
-            new.attrs[key] = store.attr(old, key)
+            new.attrs[key] = attr(old, key)
 
         def copy(name: str, obj) -> None:
             if isinstance(obj, h5py.Dataset):
@@ -50,20 +53,20 @@ def unchecked_copy(source: Path, target: Path) -> None:
 
 
 def unchecked_results(results: Path, target: Path) -> None:
-    checked = store.Manifest.load(results)
-    manifest = store.Manifest.create(target, checked.config)
+    checked = Manifest.load(results)
+    manifest = Manifest.create(target, checked.config)
     (target / "predictions").mkdir()
     for name in checked.complete("predictions"):
         unchecked_copy(results / name, target / name)
-        manifest.add(name, store.shard_info(target / name))
+        manifest.add(name, shard_info(target / name))
 
 
 def seconds(results: Path, criteria: dict | None) -> float:
     start = time.perf_counter()
     if criteria is None:
-        store.read_predictions(results)
+        read_predictions(results)
     else:
-        store.query(results, **criteria)
+        query(results, **criteria)
     return time.perf_counter() - start
 
 
@@ -78,7 +81,7 @@ def main() -> None:
         unchecked_results(checked, unchecked)
         sizes = [sum(p.stat().st_size for p in (d / "predictions").iterdir())
                  for d in (checked, unchecked)]
-        print(f"{n_rows} rows in {len(store.Manifest.load(checked).shards)} shards; "
+        print(f"{n_rows} rows in {len(Manifest.load(checked).shards)} shards; "
               f"{sizes[0] / 1e6:.2f} MB with checksums, {sizes[1] / 1e6:.2f} MB without")
         print(f"best of {args.repeats}, the two layouts alternating")
         for label, criteria in QUERIES.items():

@@ -31,8 +31,8 @@ from alignn.torch_graph_builder import build_pure_torch_graph
 from jarvis.core.atoms import Atoms
 
 from screener.graphs import K, build_graphs
+from screener.io import Failure, discover, load
 from screener.pipeline import RunOptions
-from screener.structures import Failure, discover, load
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "jarvis_structures.json.gz"
 CUTOFF = 8.0

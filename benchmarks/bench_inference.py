@@ -34,8 +34,8 @@ from jarvis.core.atoms import Atoms
 from torch.utils.flop_counter import FlopCounterMode
 
 from screener.graphs import build_graph, collate
+from screener.io import Failure, discover, load
 from screener.model import build_model, to_tensors
-from screener.structures import Failure, discover, load
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "jarvis_structures.json.gz"
 SIZES = {"hidden": 256, "embedding": 64, "edge_rbf": 80, "angle_rbf": 40, "alignn_layers": 4,

@@ -14,7 +14,6 @@ bands around the record's OptB88vdW gap); a query's cost depends on the rows, no
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shutil
 import statistics
@@ -56,29 +55,29 @@ def screen_command() -> list[str]:
 
 def make_results(out: Path, data: Path) -> int:
     """A results dir of the JARVIS structures with stand-in spectra; returns the row count."""
-    from screener import store
     from screener.dos import ENERGY_GRID, band_gap, dos_at_ef
-    from screener.structures import Failure, discover, load
+    from screener.io import Failure, discover, load, read_records
+    from screener.io.records import reference_gaps
+    from screener.results.manifest import Manifest
+    from screener.results.shards import elements_of, shard_name, write_prediction_shard
 
-    with gzip.open(data) as f:
-        gaps = {r["jid"]: r["optb88vdw_bandgap"] for r in json.load(f)
-                if isinstance(r.get("optb88vdw_bandgap"), (int, float))}
+    gaps = reference_gaps(read_records(data), data)
     structures = [s for s in map(load, discover(data)) if not isinstance(s, Failure)]
-    manifest = store.Manifest.create(out, {"input": str(data), "shard_size": SHARD})
+    manifest = Manifest.create(out, {"input": str(data), "shard_size": SHARD})
     (out / "predictions").mkdir(exist_ok=True)
     for index, start in enumerate(range(0, len(structures), SHARD)):
         chunk = structures[start:start + SHARD]
-        gap = np.array([gaps.get(s.id, 0.0) for s in chunk])[:, None]
+        gap = np.nan_to_num([gaps.get(s.id, 0.0) for s in chunk])[:, None]
         dos = np.where((ENERGY_GRID < 0) | (ENERGY_GRID >= gap), 0.05, 0.0).astype(np.float32)
         gap_, vbm, cbm = band_gap(dos)
         formulas = [s.formula for s in chunk]
         table = {"ids": [s.id for s in chunk], "source": [s.source for s in chunk],
-                 "formula": formulas, "elements": [store.elements_of(f) for f in formulas],
+                 "formula": formulas, "elements": [elements_of(f) for f in formulas],
                  "n_atoms": [s.n_atoms for s in chunk], "band_gap": gap_, "vbm": vbm, "cbm": cbm,
                  "dos_at_ef": dos_at_ef(dos), "dos": dos}
-        name = store.shard_name("predictions", index)
-        info = store.write_prediction_shard(out / name, table, [],
-                                            {"model_id": "bench-stand-in", "model_hash": "none"})
+        name = shard_name("predictions", index)
+        info = write_prediction_shard(out / name, table, [],
+                                      {"model_id": "bench-stand-in", "model_hash": "none"})
         manifest.add(name, info)
     return len(structures)
 

@@ -7,7 +7,7 @@ CHGNet atom features (frozen, mean over atoms; made by a CHGNet install of its o
         --gaps ../shared/data/jarvis_structures.json.gz --hold-out ../shared/data/poscar \
         [--chgnet chgnet_features.npz] [--json ablation.json]
 
-Every variant is fitted and calibrated by the same code (screener.gap_fit) on the same
+Every variant is fitted and calibrated by the same code (screener.training.gap_fit) on the same
 training and validation structures; the table is what the model card shows.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from screener import gap_fit
-from screener.metrics import gap_metrics
 from screener.model import load_checkpoint
-from screener.train import held_out_ids
+from screener.training import gap_fit
+from screener.training.metrics import gap_metrics
+from screener.training.train import held_out_ids
 
 
 def main() -> None:

@@ -23,10 +23,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from screener import train
-from screener.dataset import SPLIT_METHOD, read_structures, read_training_set, write_training_set
-from screener.evaluate import evaluate
 from screener.model import checkpoint_info
+from screener.training import train
+from screener.training.dataset import (
+    SPLIT_METHOD,
+    read_structures,
+    read_training_set,
+    write_training_set,
+)
+from screener.training.evaluate import evaluate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GOAL = 2.5
@@ -52,7 +57,7 @@ def subset_file(data: Path, fraction: float, out: Path) -> tuple[Path, int]:
     structures = read_structures(data)
     write_training_set(path, [structures[i] for i in keep], ts.dos[keep], ts.ref_gap[keep],
                        {**provenance, "subset_of": str(data), "train_fraction": fraction},
-                       {name: values[keep] for name, values in ts.extra.items()},
+                       extra={name: values[keep] for name, values in ts.extra.items()},
                        seed=int(ts.attrs["split_seed"]))
     return path, n_train
 

@@ -36,12 +36,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from screener import store
 from screener.graphs import build_graphs, collate
+from screener.io import Failure, Source, discover, load
 from screener.model import load_checkpoint, to_tensors
-from screener.pipeline import RunOptions, chunked, shipped_model
+from screener.pipeline import RunOptions, chunked
 from screener.predict import predict_dos, spectral_columns
-from screener.structures import Failure, Source, discover, load
+from screener.results.manifest import Manifest
+from screener.results.shards import (
+    read_graph_shard,
+    shard_name,
+    write_graph_shard,
+    write_prediction_shard,
+)
+from screener.shipped import shipped_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 INPUTS = ("jarvis_structures.json.gz", "perov5_structures.json.gz")
@@ -84,9 +91,9 @@ def measure(sources: list[Source], model, attrs: dict, tmp: Path) -> tuple[dict,
     chunks = zip(chunked(structures, shard), chunked(graphs, shard))
     for i, (chunk, chunk_graphs) in enumerate(chunks):
         graph_path, prediction_path = tmp / f"graphs-{i}.h5", tmp / f"predictions-{i}.h5"
-        info = clock(sec, "write_graphs", store.write_graph_shard, graph_path, chunk, chunk_graphs,
+        info = clock(sec, "write_graphs", write_graph_shard, graph_path, chunk, chunk_graphs,
                      failures if i == 0 else [], attrs)
-        table, read_back, lost = clock(sec, "read_graphs", store.read_graph_shard, graph_path)
+        table, read_back, lost = clock(sec, "read_graphs", read_graph_shard, graph_path)
         for start in range(0, len(read_back), bs):
             clock(sec, "batch", lambda b: to_tensors(collate(b)), read_back[start:start + bs])
         dos = clock(sec, "predict", predict_dos, model, read_back, bs)
@@ -105,8 +112,8 @@ def measure(sources: list[Source], model, attrs: dict, tmp: Path) -> tuple[dict,
 def write_predictions(path: Path, table: dict, dos: np.ndarray, failures: list, attrs: dict
                       ) -> dict:
     """The prediction shard as `Predictor.predict_shard` writes it: graph table, spectra, gaps."""
-    return store.write_prediction_shard(path, {**table, "dos": dos, **spectral_columns(dos)},
-                                        failures, attrs)
+    return write_prediction_shard(path, {**table, "dos": dos, **spectral_columns(dos)},
+                                  failures, attrs)
 
 
 def manifest_cost(record: dict, tmp: Path, sizes: tuple[int, int] = (250, 2000)
@@ -115,10 +122,10 @@ def manifest_cost(record: dict, tmp: Path, sizes: tuple[int, int] = (250, 2000)
     manifest, snapshots included."""
     per_add = {}
     for n in sizes:
-        manifest = store.Manifest.create(tmp / f"manifest-{n}", {"input": "projection"})
+        manifest = Manifest.create(tmp / f"manifest-{n}", {"input": "projection"})
         spent: dict[str, np.ndarray] = {}
         for i in range(n):
-            clock(spent, "add", manifest.add, store.shard_name("graphs", i), record)
+            clock(spent, "add", manifest.add, shard_name("graphs", i), record)
         per_add[n] = spent["add"] / n
     return per_add
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from screener.dataset import JARVIS_GAP_KEY, read_training_set, reference_gap_value
-from screener.metrics import gap_metrics
-from screener.store import query, read_predictions
-from screener.structures import read_records
+from screener.io import read_records
+from screener.io.records import reference_gaps
+from screener.results.query import query, read_predictions
+from screener.training.dataset import read_training_set
+from screener.training.metrics import gap_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEAR_EV = 0.5
@@ -39,8 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     lo, hi = (float(v) for v in args.bandgap.split(":"))
 
-    known = {str(r.get("jid")): reference_gap_value(r.get(JARVIS_GAP_KEY))
-             for r in read_records(args.reference)}
+    known = reference_gaps(read_records(args.reference), args.reference)
     rows = read_predictions(args.results, ["ids", "formula", "band_gap", "dos_band_gap"])
     ids = rows["ids"].astype(str)
     ref = np.array([known.get(i, np.nan) for i in ids])

@@ -1,10 +1,15 @@
 """The `screen` command line: parse, call one function, print. Heavy imports stay inside commands."""
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from screener.errors import ScreenerError
+
+if TYPE_CHECKING:
+    from screener.dft.verify import Verification
+    from screener.pipeline import Summary
 
 
 class ScreenGroup(click.Group):
@@ -24,24 +29,18 @@ def main() -> None:
 
 
 def parse_window(_ctx, _param, value: str | None) -> tuple[float, float] | None:
-    """'1.4:1.6' -> (1.4, 1.6); an empty side means unbounded."""
-    if value is None:
-        return None
+    """--bandgap and other LO:HI options (window.parse_window)."""
+    from screener.window import parse_window as parse
+
     try:
-        lo, hi = value.split(":")
-        window = (float(lo) if lo else float("-inf"), float(hi) if hi else float("inf"))
-    except ValueError:
-        raise click.BadParameter(f"expected LO:HI such as 1.4:1.6, got {value!r}") from None
-    if window[0] != window[0] or window[1] != window[1]:
-        raise click.BadParameter(f"{value!r}: NaN is no bound; leave a side empty for none")
-    if window[0] > window[1]:
-        raise click.BadParameter(f"{value!r}: LO is above HI")
-    return window
+        return None if value is None else parse(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def parse_elements(_ctx, _param, value: str | None) -> tuple[str, ...]:
     """'o, Fe' -> ('O', 'Fe'): symbols in any case, each an element."""
-    from screener.structures import element_symbol
+    from screener.io import element_symbol
 
     try:
         return tuple(element_symbol(v) for v in value.split(",") if v.strip()) if value else ()
@@ -52,7 +51,7 @@ def parse_elements(_ctx, _param, value: str | None) -> tuple[str, ...]:
 def results_folder(_ctx, _param, value: str) -> str:
     """-o of `run`: a folder that can be made or written, checked before Ray starts (and before
     anything is made: other checks may still refuse the command)."""
-    from screener.store import results_dir_problem
+    from screener.results.manifest import results_dir_problem
 
     problem = results_dir_problem(value)
     if problem:
@@ -72,19 +71,13 @@ def new_file(_ctx, _param, value: str | None) -> str | None:
 
 
 def model_path(_ctx, _param, value: str | None) -> Path:
-    """--model: a checkpoint file, a `screen train` run folder holding model.pt, or a shipped
-    model's name (D-ALIGNN when not given); one rule for every command that loads a model."""
-    from screener.pipeline import SHIPPED_MODELS, shipped_model
+    """--model of every command that loads a model (shipped.resolve_model)."""
+    from screener.shipped import resolve_model
 
-    if value is None or value in SHIPPED_MODELS:
-        return shipped_model(value or "d-alignn")
-    path = Path(value)
-    if path.is_dir() and (path / "model.pt").is_file():
-        return path / "model.pt"
-    if not path.is_file():
-        raise click.BadParameter(f"{value!r} is neither a checkpoint file, a run folder holding "
-                                 f"model.pt, nor a shipped model ({', '.join(SHIPPED_MODELS)})")
-    return path
+    try:
+        return resolve_model(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 MODEL_HELP = ("Checkpoint file, `screen train` run folder, or a shipped model: d-alignn (the "
@@ -119,82 +112,66 @@ MODEL_HELP = ("Checkpoint file, `screen train` run folder, or a shipped model: d
 def run(structures, bandgap, out_dir, model, address, device, workers, batch_size, shard_size,
         strict, quiet, verify_top, min_probability, strict_domain):
     """Predict the DOS of every structure and shortlist those whose gap is in --bandgap."""
-    import numpy as np
+    from screener.pipeline import RunOptions
+    from screener.screen import OptionError, screen
 
-    from screener import pipeline, store
-    from screener.progress import progress_printer
-
-    if verify_top is not None:
-        from screener.label import require_gpaw
-
-        if bandgap is None:
-            raise click.UsageError("--verify checks the top of the --bandgap shortlist: "
-                                   "give --bandgap")
-        require_gpaw()
-    opts = pipeline.RunOptions(
-        structures=structures, out_dir=out_dir, model=model,
-        address=address, device=device, workers=workers, batch_size=batch_size, shard_size=shard_size,
-    )
-    with progress_printer(disable=quiet) as on_progress:
-        summary = pipeline.run(opts, on_progress)
-    if summary.manifest_rebuilt_because:
-        click.echo(f"  rebuilt the manifest from the intact shards: "
-                   f"{summary.manifest_rebuilt_because}", err=True)
-    click.echo(
-        f"read {summary.n_read}  failed {summary.n_failed}  predicted {summary.n_predicted}  "
-        f"({summary.rate:.1f} structures/s, {summary.seconds:.1f} s; {summary.n_skipped_shards} shards resumed)"
-    )
-    stages = ", ".join(f"{stage} {sec:.1f} s" for stage, sec in summary.stage_seconds.items())
-    click.echo(f"stage time (summed over workers): {stages}")
-    for name in summary.damaged:
-        click.echo(f"  recomputed damaged shard {name}", err=True)
-    failures = store.read_failures(out_dir)
-    for f in failures[:20]:
+    opts = RunOptions(structures=structures, out_dir=Path(out_dir), model=model, address=address,
+                      device=device, workers=workers, batch_size=batch_size,
+                      shard_size=shard_size)
+    try:
+        summary = screen(opts, bandgap=bandgap, min_probability=min_probability,
+                         strict_domain=strict_domain, verify_top=verify_top, progress=not quiet)
+    except OptionError as error:
+        raise click.UsageError(str(error)) from None
+    _print_run(summary.run)
+    for f in summary.failures[:20]:
         click.echo(f"  failed {f.id} [{f.stage}] {f.source}: {f.reason}", err=True)
-    if len(failures) > 20:
-        click.echo(f"  ... {len(failures) - 20} more failures: screen failures {out_dir}", err=True)
-    outside = int(np.sum(~store.read_predictions(out_dir, ["in_domain"])["in_domain"]))
-    if outside:
-        click.echo(f"{outside} structures lie outside the model's training domain (unseen "
-                   f"elements or larger cells): column in_domain"
+    if len(summary.failures) > 20:
+        click.echo(f"  ... {len(summary.failures) - 20} more failures: screen failures {out_dir}",
+                   err=True)
+    if summary.n_outside_domain:
+        click.echo(f"{summary.n_outside_domain} structures lie outside the model's training "
+                   f"domain (unseen elements or larger cells): column in_domain"
                    f"{'; left off the shortlist' if strict_domain else ''}")
-    if bandgap is not None:
-        rows = store.query(out_dir, bandgap=bandgap, min_probability=min_probability,
-                           in_domain_only=strict_domain)
-        shortlist = Path(out_dir) / "shortlist.csv"
-        store.write_csv(store.with_units(rows), shortlist)
-        click.echo(f"shortlisted {len(rows['ids'])} with {bandgap[0]} <= gap <= {bandgap[1]} eV "
-                   f"or P(in window) >= {_threshold(out_dir, min_probability):.2f} -> {shortlist}")
-        click.echo(store.format_table(store.with_units(rows), SHORTLIST_SHOWN))
-    if verify_top is not None:
-        _verify(out_dir, bandgap, verify_top, address, quiet)
-    if strict and summary.n_failed:
-        raise SystemExit(f"--strict: {summary.n_failed} structures failed")
+    if summary.shortlist is not None:
+        from screener.results.tables import format_table
+
+        click.echo(f"shortlisted {len(summary.shortlist['ids'])} with {bandgap[0]} <= gap <= "
+                   f"{bandgap[1]} eV or P(in window) >= {summary.min_probability:.2f} -> "
+                   f"{summary.shortlist_path}")
+        click.echo(format_table(summary.shortlist, SHORTLIST_SHOWN))
+    if summary.verification is not None:
+        _print_verification(summary.verification, out_dir, bandgap)
+    if strict and summary.run.n_failed:
+        raise SystemExit(f"--strict: {summary.run.n_failed} structures failed")
 
 
 SHORTLIST_SHOWN = ("ids", "formula", "p_in_window", "band_gap_eV", "band_gap_std_eV", "p_metal",
                    "dos_band_gap_eV", "in_domain")
 
 
-def _threshold(out_dir: str, min_probability: float | None) -> float:
-    """The P(in window) a shortlist of `out_dir` was cut at."""
-    from screener import store
+def _print_run(run: "Summary") -> None:
+    """The prediction run's counts, times and repairs."""
+    if run.manifest_rebuilt_because:
+        click.echo(f"  rebuilt the manifest from the intact shards: "
+                   f"{run.manifest_rebuilt_because}", err=True)
+    click.echo(
+        f"read {run.n_read}  failed {run.n_failed}  predicted {run.n_predicted}  "
+        f"({run.rate:.1f} structures/s, {run.seconds:.1f} s; {run.n_skipped_shards} shards resumed)"
+    )
+    stages = ", ".join(f"{stage} {sec:.1f} s" for stage, sec in run.stage_seconds.items())
+    click.echo(f"stage time (summed over workers): {stages}")
+    for name in run.damaged:
+        click.echo(f"  recomputed damaged shard {name}", err=True)
 
-    if min_probability is not None:
-        return min_probability
-    return store.default_min_probability(store.complete_shards(out_dir))
 
+def _print_verification(checked: "Verification", out_dir: str,
+                        bandgap: tuple[float, float]) -> None:
+    """The DFT check of `run --verify`: its table and one line of counts."""
+    from screener.dft import verify
+    from screener.results.tables import format_table
 
-def _verify(out_dir: str, bandgap: tuple[float, float], n: int, address: str | None,
-            quiet: bool) -> None:
-    """The DFT check of `run --verify`, on the Ray that screened (`address`)."""
-    from screener import store, verify
-
-    try:
-        checked = verify.verify(out_dir, bandgap, n, address=address, progress=not quiet)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(store.format_table(checked.rows, verify.SHOWN))
+    click.echo(format_table(checked.rows, verify.SHOWN))
     computed = checked.labelling.n_labelled + checked.labelling.n_failed
     click.echo(f"verified {checked.n_checked} of {len(checked.rows['id'])}: {checked.n_confirmed} "
                f"confirmed inside {bandgap[0]:g}:{bandgap[1]:g} eV ({computed} calculated in this "
@@ -223,32 +200,33 @@ def query(results, bandgap, elements, exclude, formula, dos_at_ef, n_atoms, min_
     """Filter the predictions of a (possibly still running) screening job."""
     import sys
 
-    from screener import store
+    from screener.results import query as results_query
+    from screener.results.tables import format_table, to_json, with_units, write_csv
 
     try:
-        rows = store.with_units(store.query(
+        rows = with_units(results_query.query(
             results, bandgap=bandgap, elements=elements, exclude=exclude, formula=formula,
             dos_at_ef=dos_at_ef, n_atoms=n_atoms, min_probability=min_probability, sort=sort,
             limit=limit))
-    except store.UnknownColumn as error:
+    except results_query.UnknownColumn as error:
         raise click.BadParameter(str(error), param_hint="'--sort'") from None
     if len(rows["ids"]) == 0:
         click.echo("0 matches", err=True)
     if fmt == "csv":
-        store.write_csv(rows, sys.stdout)
+        write_csv(rows, sys.stdout)
     elif fmt == "json":
-        click.echo(store.to_json(rows))
+        click.echo(to_json(rows))
     else:
-        click.echo(store.format_table(rows))
+        click.echo(format_table(rows))
 
 
 @main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 def failures(results):
     """List every structure that failed, with its file and reason."""
-    from screener import store
+    from screener.results.query import read_failures
 
-    found = store.read_failures(results)
+    found = read_failures(results)
     for f in found:
         click.echo(f"{f.id}\t{f.stage}\t{f.source}\t{f.reason}")
     if not found:
@@ -291,7 +269,7 @@ def data_jarvis_edos(cache_dir, out, seed, ref_gaps):
     """The ~48k JARVIS-DFT eDOS spectra (jarvis-tools download, cached)."""
     import os
 
-    from screener.dataset import from_jarvis_edos
+    from screener.training.dataset import from_jarvis_edos
 
     _write_training_set(from_jarvis_edos(os.path.expanduser(cache_dir)), out, seed, ref_gaps)
 
@@ -303,7 +281,7 @@ def data_jarvis_edos(cache_dir, out, seed, ref_gaps):
 @_training_set_options
 def data_json(path, level_of_theory, out, seed, ref_gaps):
     """JARVIS-form records (jid, atoms, edos_up) from a json(.gz) file."""
-    from screener.dataset import from_json
+    from screener.training.dataset import from_json
 
     _write_training_set(from_json(path, level_of_theory), out, seed, ref_gaps)
 
@@ -313,7 +291,7 @@ def data_json(path, level_of_theory, out, seed, ref_gaps):
 @_training_set_options
 def data_vasprun(path, out, seed, ref_gaps):
     """VASP runs: every vasprun*.xml(.gz) under PATH, total DOS per valence electron."""
-    from screener.dataset import from_vasprun
+    from screener.training.dataset import from_vasprun
 
     _write_training_set(from_vasprun(path), out, seed, ref_gaps)
 
@@ -321,7 +299,7 @@ def data_vasprun(path, out, seed, ref_gaps):
 def _write_training_set(labelled, out: str, seed: int, ref_gaps: str | None) -> None:
     import numpy as np
 
-    from screener.dataset import merge_ref_gaps, skipped_summary, write_training_set
+    from screener.training.dataset import merge_ref_gaps, skipped_summary, write_training_set
 
     click.echo(skipped_summary(labelled.skipped), err=bool(labelled.skipped))
     if ref_gaps:
@@ -329,7 +307,7 @@ def _write_training_set(labelled, out: str, seed: int, ref_gaps: str | None) -> 
     if not labelled.structures:
         raise click.ClickException("no usable structures: nothing written")
     write_training_set(out, labelled.structures, labelled.dos, labelled.ref_gap,
-                       labelled.provenance, labelled.extra, seed)
+                       labelled.provenance, extra=labelled.extra, seed=seed)
     known = int(np.isfinite(labelled.ref_gap).sum())
     click.echo(f"wrote {out}: {len(labelled.structures)} structures ({known} with a reference gap), "
                f"{len(labelled.skipped)} skipped")
@@ -350,9 +328,10 @@ def _write_training_set(labelled, out: str, seed: int, ref_gaps: str | None) -> 
                    "(checked by sha256); default: the path in the checkpoint.")
 def evaluate_model(model_path, data_path, split, out_dir, batch_size, device, gaps):
     """Score a model on a split: metrics.json, figures and index.html in --out."""
-    from screener.evaluate import evaluate
+    from screener.training.evaluate import evaluate
 
-    report = evaluate(model_path, data_path, split, out_dir, batch_size, device, gaps)
+    report = evaluate(model_path, data_path, split=split, out_dir=out_dir, batch_size=batch_size,
+                      device=device, gap_file=gaps)
     s, g = report["summary"], report["band_gap"]
     click.echo(f"{s['n']} structures, {split} split from the {report['split']['from']}: "
                f"MAE mean {s['mae_mean']:.4f} median {s['mae_median']:.4f}, baseline "
@@ -415,7 +394,7 @@ def evaluate_model(model_path, data_path, split, out_dir, batch_size, device, ga
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_command(data_path, out_dir, arch, latent, latent_sweep, overrides, **options):
     """Train D-ALIGNN or AE-ALIGNN on a training set with Ray Train (DDP, early stopping)."""
-    from screener import train
+    from screener.training import train
 
     options["config"] = _overrides(overrides)
     if latent_sweep:
@@ -447,7 +426,7 @@ def train_command(data_path, out_dir, arch, latent, latent_sweep, overrides, **o
 @click.option("--seed", type=int, default=0, show_default=True)
 def gap_head_command(model_file, data_path, gaps, hold_out, out, members, seed):
     """Fit a learned band gap and P(metal) head on a trained D-ALIGNN, calibrated on validation."""
-    from screener import gap_fit
+    from screener.training import gap_fit
 
     report = gap_fit.fit(model_file, data_path, gaps, out, hold_out=hold_out, members=members,
                          seed=seed)
@@ -499,7 +478,7 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
 def label_command(structures, out, address, workers, timeout, limit, order, kpt_density,
                   retry_failed, export_only, quiet):
     """DFT-label structures with GPAW (PBE, LCAO dzp): DOS, gap, energy -> training set."""
-    from screener import label
+    from screener.dft import label
 
     if export_only:
         try:
@@ -511,8 +490,9 @@ def label_command(structures, out, address, workers, timeout, limit, order, kpt_
     if structures is None:
         raise click.UsageError("--structures is required unless --export-only")
     try:
-        summary = label.label(structures, out, label.Settings(kpt_density=kpt_density), address,
-                              workers, timeout, limit, order, retry_failed, progress=not quiet)
+        summary = label.label(structures, out, label.Settings(kpt_density=kpt_density),
+                              address=address, workers=workers, timeout=timeout, limit=limit,
+                              order=order, retry_failed=retry_failed, progress=not quiet)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"{summary.n_selected} selected: {summary.n_already} already done, "
@@ -532,7 +512,7 @@ def label_command(structures, out, address, workers, timeout, limit, order, kpt_
               help="JARVIS-form json(.gz) with edos_up: compare the DOS of structures in both.")
 def check_labels_command(labels, out_dir, edos):
     """Compare `screen label` output with JARVIS: gaps vs optB88vdW, DOS vs edos_up."""
-    from screener.check_labels import REPORT, check_labels, format_report
+    from screener.dft.check_labels import REPORT, check_labels, format_report
 
     report = check_labels(labels, out_dir, edos)
     click.echo(format_report(report))

@@ -42,6 +42,8 @@ _VALENCE = np.array([
 # edos sample, gaps move by <= 0.25 eV between 5e-4 and 1.5e-3, except two whose band edge
 # holds almost no weight (NaI 3.50 -> 4.05 eV, FeH8Cl2O4 2.80 -> 3.50 eV).
 GAP_THRESHOLD = 1e-3
+# A gap below this is a metal's: the smallest gap a spectrum on the grid can show.
+METAL_BELOW_EV = 0.1
 
 
 def to_grid(energies: np.ndarray, dos: np.ndarray, e_fermi: float = 0.0) -> np.ndarray:

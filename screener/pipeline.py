@@ -21,9 +21,22 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
-from screener import reaper, store
+from screener.cluster import connect
 from screener.errors import ScreenerError
-from screener.structures import MAX_ATOMS, Failure, Source, Structure, discover, load
+from screener.io import MAX_ATOMS, Failure, Source, Structure, discover, load
+from screener.io.files import file_sha256
+from screener.results.manifest import Manifest, prepare_results_dir, run_lock
+from screener.results.shards import (
+    CONFIG_ATTR,
+    KINDS,
+    config_attr,
+    empty_prediction_table,
+    ids_digest,
+    read_graph_shard,
+    shard_name,
+    write_graph_shard,
+    write_prediction_shard,
+)
 
 if TYPE_CHECKING:
     from screener.predict import Prediction
@@ -73,7 +86,7 @@ class Chunk:
         return len(self.sources) + len(self.duplicates)
 
     def shard(self, kind: str) -> str:
-        return store.shard_name(kind, self.index)
+        return shard_name(kind, self.index)
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
@@ -99,7 +112,7 @@ def chunks(sources: Iterable[Source], size: int) -> Iterator[Chunk]:
             else:
                 first[source.id] = source.origin
                 unique.append(source)
-        yield Chunk(index, unique, duplicates, store.ids_digest(s.id for s in batch))
+        yield Chunk(index, unique, duplicates, ids_digest(s.id for s in batch))
 
 
 def graphs_or_failures(sources: list[Source], max_atoms: int = MAX_ATOMS
@@ -150,7 +163,7 @@ def build_graph_shard(chunk: Chunk, path: str | Path, attrs: dict, max_atoms: in
         else:
             structures.append(outcome[0])
             graphs.append(outcome[1])
-    record = store.write_graph_shard(path, structures, graphs, failures, attrs)
+    record = write_graph_shard(path, structures, graphs, failures, attrs)
     return {**record, "node": _node_id(), "seconds": time.perf_counter() - t0}
 
 
@@ -176,7 +189,7 @@ class Predictor:
         from screener.predict import prediction_columns
 
         t0 = time.perf_counter()
-        table, graphs, failures = store.read_graph_shard(graph_path)
+        table, graphs, failures = read_graph_shard(graph_path)
         prediction, errors = self._predict(graphs, batch_size)
         failures += [Failure(str(table["ids"][i]), str(table["source"][i]), "predict", reason)
                      for i, reason in errors.items()]
@@ -186,7 +199,7 @@ class Predictor:
         table.update(dos=prediction.dos, **prediction_columns(self.model, prediction),
                      in_domain=in_domain(self.meta.get("domain"),
                                          [g["numbers"] for g, keep in zip(graphs, ok) if keep]))
-        record = store.write_prediction_shard(out_path, table, failures, attrs)
+        record = write_prediction_shard(out_path, table, failures, attrs)
         return {**record, "node": _node_id(), "seconds": time.perf_counter() - t0}
 
     def _predict(self, graphs: list[dict], batch_size: int) -> tuple[Prediction, dict[int, str]]:
@@ -220,24 +233,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def connect(address: str | None, worker_logs: bool = False, dashboard: bool = False) -> None:
-    """Join a running cluster, or start a private local Ray sized to this machine.
-
-    Worker logs stay off for screening (their progress is the driver's bar); training turns
-    them on because its epoch lines are printed by the workers. A local Ray starts without its
-    dashboard unless asked, which saves start-up time; training asks, because the dashboard
-    serves the State API that Ray Train's placement-group monitor polls for the run's
-    controller. Without its own, the monitor warns every second, and once another Ray's
-    dashboard takes the default port it asks that one, does not find the controller there and
-    removes the run's placement group, which ends the training. A local Ray gets a watchdog
-    (screener.reaper) that ends its processes should this driver be killed.
-    """
-    if not ray.is_initialized():
-        ray.init(address=address or None, include_dashboard=dashboard, log_to_driver=worker_logs)
-        if not address:
-            reaper.guard()
-
-
 def predictor_resources(device: str, workers: int | None) -> tuple[int, dict, int]:
     """Prediction actors to start, what each asks of Ray, and its torch threads.
 
@@ -267,34 +262,22 @@ def _check_workers(workers: int | None, most: int, why: str) -> None:
                             f"prediction actors ({why})")
 
 
-SHIPPED_MODELS = {"d-alignn": "default_model.pt", "ae-alignn": "ae_model.pt"}
-
-
-def shipped_model(name: str = "d-alignn") -> Path:
-    """A trained model shipped inside the package. D-ALIGNN, the default, has the closer spectra;
-    AE-ALIGNN the closer band gaps (see the model card), so it is there for gap screens."""
-    path = Path(__file__).parent / "data" / SHIPPED_MODELS[name]
-    if not path.exists():
-        raise FileNotFoundError(f"no shipped {name} model at {path}: pass --model PATH")
-    return path
-
-
 def run(opts: RunOptions, on_progress: Progress | None = None) -> Summary:
     """Screen every structure under `opts.structures`; resumable, see the module docstring.
 
-    One run at a time writes a results dir (store.run_lock); its shards carry the run's config,
-    so that a damaged manifest is rebuilt from them (store.Manifest.open).
+    One run at a time writes a results dir (run_lock); its shards carry the run's config,
+    so that a damaged manifest is rebuilt from them (Manifest.open).
     """
     t_start = time.perf_counter()
-    out = store.prepare_results_dir(opts.out_dir)
-    with store.run_lock(out):
+    out = prepare_results_dir(opts.out_dir)
+    with run_lock(out):
         model_info, ray_seconds = _checkpoint_while_connecting(opts.model, opts.address)
         config = {"model_hash": model_info["hash"], "input": str(Path(opts.structures).resolve()),
                   "shard_size": opts.shard_size, "max_atoms": opts.max_atoms}
         attrs = {"model_id": model_info["model_id"], "model_hash": model_info["hash"],
                  "min_probability": model_info.get("gap_head", {}).get("min_probability", 0.5),
-                 store.CONFIG_ATTR: store.config_attr(config)}
-        manifest = store.Manifest.open(out, config)
+                 CONFIG_ATTR: config_attr(config)}
+        manifest = Manifest.open(out, config)
         summary = Summary(stage_seconds={"ray_start": ray_seconds},
                           manifest_rebuilt_because=manifest.rebuilt_because)
         driver = _Driver(opts, manifest, attrs, summary, on_progress or (lambda stage, n: None))
@@ -330,7 +313,7 @@ class _Driver:
     At most one graph task per CPU and two chunks per actor wait, so memory stays flat.
     """
 
-    def __init__(self, opts: RunOptions, manifest: store.Manifest, attrs: dict, summary: Summary,
+    def __init__(self, opts: RunOptions, manifest: Manifest, attrs: dict, summary: Summary,
                  on_progress: Progress) -> None:
         self.opts, self.manifest, self.attrs = opts, manifest, attrs
         self.out = Path(opts.out_dir)
@@ -395,7 +378,7 @@ class _Driver:
         path, recorded = self.out / name, self.manifest.shards[name]
         try:
             intact = (path.stat().st_size == recorded["size"]
-                      and store.file_sha256(path) == recorded["sha256"])
+                      and file_sha256(path) == recorded["sha256"])
         except OSError:  # deleted or unreadable
             intact = False
         if not intact:
@@ -404,7 +387,7 @@ class _Driver:
         return intact
 
     def _predict(self, chunk: Chunk, actor: ray.actor.ActorHandle) -> None:
-        graphs, predictions = (str(self.out / chunk.shard(kind)) for kind in store.KINDS)
+        graphs, predictions = (str(self.out / chunk.shard(kind)) for kind in KINDS)
         ref = actor.predict_shard.remote(graphs, predictions, self.opts.batch_size, self.attrs)
         self.predictions[ref] = (chunk, actor)
 
@@ -430,14 +413,14 @@ class _Driver:
         failures = [*chunk.duplicates, *(Failure(s.id, s.origin, "graph", reason)
                                          for s in chunk.sources)]
         path = self.out / chunk.shard("graphs")
-        return store.write_graph_shard(path, [], [], failures, self.attrs)
+        return write_graph_shard(path, [], [], failures, self.attrs)
 
     def _prediction_failures(self, chunk: Chunk, reason: str) -> dict:
-        table, _, failures = store.read_graph_shard(self.out / chunk.shard("graphs"))
+        table, _, failures = read_graph_shard(self.out / chunk.shard("graphs"))
         failures += [Failure(str(i), str(s), "predict", reason)
                      for i, s in zip(table["ids"], table["source"])]
-        return store.write_prediction_shard(self.out / chunk.shard("predictions"),
-                                            store.empty_prediction_table(), failures, self.attrs)
+        return write_prediction_shard(self.out / chunk.shard("predictions"),
+                                      empty_prediction_table(), failures, self.attrs)
 
     def _count(self, chunk: Chunk, entry: dict) -> None:
         self.summary.n_read += len(chunk)

@@ -30,7 +30,7 @@ def draw_dos(ax, dos: np.ndarray, label: str, vbm: float | None = None, cbm: flo
 
 def plot_prediction(results: str | Path, structure_id: str, path: str | Path) -> Path:
     """Write the predicted DOS of `structure_id` from a results folder as a PNG."""
-    from screener.store import find_prediction
+    from screener.results.query import find_prediction
 
     row = find_prediction(results, structure_id)
     fig, ax = plt.subplots(figsize=(7, 4))

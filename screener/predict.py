@@ -14,7 +14,7 @@ from screener.model.gap_head import GapHead, estimate
 @dataclass
 class Prediction:
     """(n, 300) spectra; with a gap head also its (n, members) gaps and metal logits, and the
-    (n, hidden) pooled features it read (what `screener.gap_fit` fits a head on)."""
+    (n, hidden) pooled features it read (what `screener.training.gap_fit` fits a head on)."""
 
     dos: np.ndarray
     pooled: np.ndarray | None = None

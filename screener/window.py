@@ -1,9 +1,9 @@
-"""Windows of values: inclusive ranges, P(LO <= gap <= HI), and the shortlist rule.
+"""Windows of values: LO:HI text, inclusive ranges, P(LO <= gap <= HI), and the shortlist rule.
 
 P(gap in window) comes from a predicted P(metal) and a non-metal gap's mean and spread.
 
 A metal's gap is 0; a non-metal's is a normal distribution (the gap head's calibrated
-ensemble mean and spread) cut off below metrics.METAL_BELOW_EV, the smallest gap a spectrum
+ensemble mean and spread) cut off below dos.METAL_BELOW_EV, the smallest gap a spectrum
 on the grid can show. A spread of 0 (a model without a gap head) makes the probability 1 or
 0: whether the point gap lies in the window, inclusive at float32 precision as queries are.
 """
@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from screener.metrics import METAL_BELOW_EV
+from screener.dos import METAL_BELOW_EV
 
 _erf = np.frompyfunc(math.erf, 1, 1)  # numpy has no erf, and scipy slows `screen query`'s start
 
@@ -58,3 +58,17 @@ def shortlisted(p_window: np.ndarray, gap: np.ndarray, bandgap: tuple[float | No
     usable, in which a spread of tenths of an eV leaves no P high; the P rule adds structures
     whose gap may well be inside although its estimate is not."""
     return in_range(gap, bandgap) | (p_window >= np.float32(min_probability))
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """'1.4:1.6' -> (1.4, 1.6); an empty side is unbounded. A ValueError says what is wrong."""
+    try:
+        lo, hi = text.split(":")
+        window = (float(lo) if lo else float("-inf"), float(hi) if hi else float("inf"))
+    except ValueError:
+        raise ValueError(f"expected LO:HI such as 1.4:1.6, got {text!r}") from None
+    if window[0] != window[0] or window[1] != window[1]:
+        raise ValueError(f"{text!r}: NaN is no bound; leave a side empty for none")
+    if window[0] > window[1]:
+        raise ValueError(f"{text!r}: LO is above HI")
+    return window

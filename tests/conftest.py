@@ -84,23 +84,25 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def all_ids(results: Path) -> list[str]:
     """Ids of every prediction and failure, repeats kept."""
-    from screener import store
+    from screener.results.query import read_failures, read_predictions
 
-    predicted = list(store.read_predictions(results, columns=["ids"])["ids"])
-    failed = [f.id for f in store.read_failures(results)]
+    predicted = list(read_predictions(results, columns=["ids"])["ids"])
+    failed = [f.id for f in read_failures(results)]
     return [str(i) for i in predicted + failed]
 
 
 def complete_ids(results: Path) -> list[str]:
     """all_ids, after checking that the results dir holds exactly its manifest: every shard
     file listed with its size and sha256, none listed missing, no half-written file left."""
-    from screener import store
+    from screener.io.files import file_sha256
+    from screener.results.manifest import Manifest
+    from screener.results.shards import KINDS
 
-    manifest = store.Manifest.load(results)
-    files = {p.relative_to(results).as_posix() for kind in store.KINDS
+    manifest = Manifest.load(results)
+    files = {p.relative_to(results).as_posix() for kind in KINDS
              for p in (results / kind).iterdir()}
     assert files == set(manifest.shards), f"files not as listed: {files ^ set(manifest.shards)}"
     for name, info in manifest.shards.items():
         assert (results / name).stat().st_size == info["size"], name
-        assert store.file_sha256(results / name) == info["sha256"], name
+        assert file_sha256(results / name) == info["sha256"], name
     return all_ids(results)

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import GPAW_LABELS, REPO
 
-from screener.check_labels import DOS_FOLDER, GAP_PARITY, REPORT, check_labels
 from screener.cli import main
-from screener.dataset import from_json, write_training_set
+from screener.dft.check_labels import DOS_FOLDER, GAP_PARITY, REPORT, check_labels
+from screener.training.dataset import from_json, write_training_set
 
 EDOS_LABELS = REPO / "data" / "edos_labels.h5"
 

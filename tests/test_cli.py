@@ -11,8 +11,14 @@ import pytest
 from click.testing import CliRunner
 from conftest import repo_env
 
-from screener import dft, label, pipeline, store, train
 from screener.cli import main
+from screener.dft import gpaw as dft
+from screener.dft import label
+from screener.pipeline import RunOptions
+from screener.results.manifest import LOCK, MANIFEST, Manifest
+from screener.results.shards import shard_name, write_prediction_shard
+from screener.screen import screen
+from screener.training import train
 
 
 def signature_defaults(function) -> dict:
@@ -28,7 +34,7 @@ def dataclass_defaults(cls) -> dict:
 @pytest.mark.parametrize("command, defaults", [
     ("train", signature_defaults(train.train)),
     ("label", {**signature_defaults(label.label), **dataclass_defaults(dft.Settings)}),
-    ("run", dataclass_defaults(pipeline.RunOptions)),
+    ("run", {**dataclass_defaults(RunOptions), **signature_defaults(screen)}),
 ])
 def test_cli_defaults_are_the_library_defaults(command, defaults):
     given = {p.name: p.default for p in main.commands[command].params
@@ -43,11 +49,11 @@ def results(tmp_path_factory) -> Path:
     from test_store import ATTRS, prediction_table
 
     out = tmp_path_factory.mktemp("results")
-    store.Manifest.create(out, {})
-    info = store.write_prediction_shard(out / store.shard_name("predictions", 0),
-                                        prediction_table(ids=["a", "b"], elements=["O", "Fe O"],
-                                                         n_atoms=[3, 7]), [], ATTRS)
-    store.Manifest.load(out).add(store.shard_name("predictions", 0), info)
+    Manifest.create(out, {})
+    info = write_prediction_shard(out / shard_name("predictions", 0),
+                                  prediction_table(ids=["a", "b"], elements=["O", "Fe O"],
+                                                   n_atoms=[3, 7]), [], ATTRS)
+    Manifest.load(out).add(shard_name("predictions", 0), info)
     return out
 
 
@@ -107,9 +113,9 @@ def test_a_second_run_into_a_folder_being_written_is_refused(results, shared_dat
                                            "-o", str(tmp_path), "--quiet"])
         assert result.exit_code == 1
         assert result.output == (f"Error: {tmp_path}: another `screen run` is writing here (it "
-                                 f"holds {tmp_path / store.LOCK}); wait for it to end, or use "
+                                 f"holds {tmp_path / LOCK}); wait for it to end, or use "
                                  "another -o\n")
-        assert not (tmp_path / store.MANIFEST).exists()
+        assert not (tmp_path / MANIFEST).exists()
         query = CliRunner().invoke(main, ["query", str(results)])
         assert query.exit_code == 0
     finally:

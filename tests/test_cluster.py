@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, complete_ids, kill_group, screen_cmd
 
-from screener import store
+from screener.results.manifest import MANIFEST, Manifest
+from screener.results.query import read_failures
 
 pytestmark = pytest.mark.slow
 
@@ -102,9 +103,9 @@ def cluster(tmp_path_factory):
 
 def nodes_used(results: Path) -> set[str]:
     """The Ray nodes that made the results' shards, as their manifest records say."""
-    if not (results / store.MANIFEST).exists():
+    if not (results / MANIFEST).exists():
         return set()
-    return {info["node"] for info in store.Manifest.load(results).shards.values() if "node" in info}
+    return {info["node"] for info in Manifest.load(results).shards.values() if "node" in info}
 
 
 def test_clients_without_the_token_are_refused(cluster, tmp_path):
@@ -146,11 +147,11 @@ def test_a_run_survives_losing_the_second_node(cluster, shared_data, tiny_model,
             assert proc.poll() is None, "the run ended before the second node did any work"
             time.sleep(0.1)
         kill_group(cluster.node2)
-        shards_before = len(store.Manifest.load(out).shards)
+        shards_before = len(Manifest.load(out).shards)
         assert proc.wait(timeout=300) == 0
     finally:
         kill_group(proc)
     ids = complete_ids(out)
     assert len(ids) == len(set(ids)) == 201
-    assert len(store.Manifest.load(out).shards) > shards_before
-    assert store.read_failures(out) == [], "work lost with the node was given up, not redone"
+    assert len(Manifest.load(out).shards) > shards_before
+    assert read_failures(out) == [], "work lost with the node was given up, not redone"

@@ -9,7 +9,10 @@ from click.testing import CliRunner
 from conftest import REPO
 
 from screener.cli import main
-from screener.dataset import (
+from screener.dos import N_BINS, band_gap, dos_at_ef
+from screener.graphs import build_graph
+from screener.results.hdf5 import SchemaError
+from screener.training.dataset import (
     FRACTIONS,
     SPLITS,
     from_jarvis_edos,
@@ -23,9 +26,6 @@ from screener.dataset import (
     split_by_id,
     write_training_set,
 )
-from screener.dos import N_BINS, band_gap, dos_at_ef
-from screener.graphs import build_graph
-from screener.store import SchemaError
 
 SCHEMA = json.loads((REPO / "schemas" / "training_set.json").read_text())
 SAMPLE = "jarvis_edos_sample10.json"

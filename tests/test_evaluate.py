@@ -8,14 +8,16 @@ from click.testing import CliRunner
 from conftest import GPAW_LABELS
 
 from screener.cli import main
-from screener.dataset import (
+from screener.io.files import file_sha256
+from screener.model.checkpoint import build_model, save_checkpoint
+from screener.training.dataset import (
     from_json,
     merge_ref_gaps,
     read_structures,
     read_training_set,
     write_training_set,
 )
-from screener.evaluate import (
+from screener.training.evaluate import (
     FIGURES,
     binary_gap_matrix,
     crystal_systems,
@@ -23,8 +25,6 @@ from screener.evaluate import (
     gap_set_report,
     split_rows,
 )
-from screener.model.checkpoint import build_model, save_checkpoint
-from screener.store import file_sha256
 
 TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 8, "angle_rbf": 8, "alignn_layers": 1,
         "gcn_layers": 1}
@@ -127,7 +127,7 @@ def test_binary_gap_matrix():
 def test_the_shipped_model_scores_its_gap_set_from_a_file_given_here(tmp_path, shared_data):
     """The checkpoint names the gap file where it was trained; --gaps points to a copy here,
     accepted only when its sha256 is the one the model trained with."""
-    from screener.pipeline import shipped_model
+    from screener.shipped import shipped_model
 
     args = ["evaluate", "--model", str(shipped_model()), "--data", str(GPAW_LABELS), "--split", "test"]
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a"),

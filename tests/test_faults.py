@@ -16,10 +16,13 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY, complete_ids, kill_group, ray_workers, screen_cmd
 
-from screener import store
 from screener.cli import main
+from screener.io import discover, load
 from screener.pipeline import RunOptions, build_graph_shard, chunks, run
-from screener.structures import discover, load
+from screener.results.hdf5 import SchemaError
+from screener.results.manifest import MANIFEST, MANIFEST_VERSION, Manifest
+from screener.results.query import query, read_failures, read_predictions
+from screener.results.shards import KINDS, SCHEMA_VERSION, shard_info, shard_name
 
 N_SMALL = 16
 
@@ -65,7 +68,7 @@ def test_killed_graph_worker_and_prediction_actor_are_retried(shared_data, tiny_
         kill_group(proc)
     ids = complete_ids(out)
     assert len(ids) == len(set(ids)) == 201
-    assert store.read_failures(out) == [], "a killed worker's chunk was given up, not retried"
+    assert read_failures(out) == [], "a killed worker's chunk was given up, not retried"
 
 
 @pytest.mark.slow
@@ -78,8 +81,8 @@ def test_queries_during_a_run_see_complete_shards_only(shared_data, tiny_model, 
     counts = []
     try:
         while proc.poll() is None:
-            if (out / store.MANIFEST).exists():
-                rows = store.query(out, sort=None, with_dos=True)
+            if (out / MANIFEST).exists():
+                rows = query(out, sort=None, with_dos=True)
                 assert len(rows["ids"]) == len(set(rows["ids"]))
                 assert np.isfinite(rows["dos"]).all() and np.isfinite(rows["band_gap"]).all()
                 counts.append(len(rows["ids"]))
@@ -103,24 +106,24 @@ def test_damaged_shards_are_refused_on_read_and_remade_on_rerun(ray_local, small
     out = tmp_path / "r"
     opts = RunOptions(str(small_folder), out, tiny_model, shard_size=8, workers=1)
     run(opts)
-    before = store.read_predictions(out)
-    graphs0 = store.Manifest.load(out).shards[store.shard_name("graphs", 0)]
-    names = [store.shard_name("predictions", 0), store.shard_name("predictions", 1),
-             store.shard_name("graphs", 1)]
+    before = read_predictions(out)
+    graphs0 = Manifest.load(out).shards[shard_name("graphs", 0)]
+    names = [shard_name("predictions", 0), shard_name("predictions", 1),
+             shard_name("graphs", 1)]
 
     flip_byte(out / names[1])
     flip_byte(out / names[2])
-    with pytest.raises(store.SchemaError, match=f"{names[1]}: sha256 differs"):
-        store.read_predictions(out, verify=True)
+    with pytest.raises(SchemaError, match=f"{names[1]}: sha256 differs"):
+        read_predictions(out, verify=True)
     with (out / names[0]).open("r+b") as fh:
         fh.truncate((out / names[0]).stat().st_size // 2)
-    with pytest.raises(store.SchemaError, match=f"{names[0]}: .* truncated"):
-        store.read_predictions(out)
+    with pytest.raises(SchemaError, match=f"{names[0]}: .* truncated"):
+        read_predictions(out)
 
     again = run(opts)
     assert again.damaged == names and again.n_skipped_shards == 0
-    assert store.Manifest.load(out).shards[store.shard_name("graphs", 0)] == graphs0
-    after = store.read_predictions(out, verify=True)
+    assert Manifest.load(out).shards[shard_name("graphs", 0)] == graphs0
+    after = read_predictions(out, verify=True)
     assert list(after["ids"]) == list(before["ids"])
     np.testing.assert_allclose(after["dos"], before["dos"], rtol=1e-6)
     assert sorted(complete_ids(out)) == sorted(before["ids"])
@@ -144,31 +147,31 @@ def test_shards_of_another_model_or_schema_are_refused(ray_local, small_folder, 
     assert result.exit_code == 1
     assert "made by a run with other settings" in result.output and "model_hash" in result.output
 
-    foreign, newer = store.shard_name("predictions", 0), store.shard_name("predictions", 1)
+    foreign, newer = shard_name("predictions", 0), shard_name("predictions", 1)
     shutil.copy(other / foreign, out / foreign)
     with h5py.File(out / newer, "r+") as f:
-        f.attrs["schema_version"] = store.SCHEMA_VERSION + 1
-    with pytest.raises(store.SchemaError, match=f"{newer}: schema version 2, this screener reads"):
-        store.shard_info(out / newer)
-    with pytest.raises(store.SchemaError, match=foreign):
-        store.read_predictions(out, verify=True)
+        f.attrs["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(SchemaError, match=f"{newer}: schema version 2, this screener reads"):
+        shard_info(out / newer)
+    with pytest.raises(SchemaError, match=foreign):
+        read_predictions(out, verify=True)
     again = run(RunOptions(str(small_folder), out, tiny_model, shard_size=8, workers=1))
     assert again.damaged == [foreign, newer]
     model_hash = checkpoint_info(tiny_model)["hash"]
-    assert len(store.read_predictions(out, verify=True, model_hash=model_hash)["ids"]) == N_SMALL
+    assert len(read_predictions(out, verify=True, model_hash=model_hash)["ids"]) == N_SMALL
 
-    manifest = json.loads((out / store.MANIFEST).read_text())
-    (out / store.MANIFEST).write_text(json.dumps({**manifest, "schema_version": 0}))
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "schema_version": 0}))
     for command in ([*cli, "--model", str(tiny_model)], ["query", str(out)]):
         result = CliRunner().invoke(main, command)
         assert result.exit_code == 1
-        assert f"schema version 0, this screener reads version {store.MANIFEST_VERSION}" in result.output
+        assert f"schema version 0, this screener reads version {MANIFEST_VERSION}" in result.output
 
 
 def test_model_is_a_shipped_name_a_file_or_a_run_folder(ray_local, small_folder, tiny_model,
                                                          tmp_path):
     from screener.model import checkpoint_info
-    from screener.pipeline import shipped_model
+    from screener.shipped import shipped_model
 
     run_folder = tmp_path / "train_run"
     run_folder.mkdir()
@@ -181,7 +184,7 @@ def test_model_is_a_shipped_name_a_file_or_a_run_folder(ray_local, small_folder,
         result = CliRunner().invoke(main, ["run", "--structures", str(small_folder), "-o", str(out),
                                            "--quiet", "--workers", "1", "--model", name])
         assert result.exit_code == 0, result.output
-        assert len(store.read_predictions(out, verify=True, model_hash=model_hash)["ids"]) == N_SMALL
+        assert len(read_predictions(out, verify=True, model_hash=model_hash)["ids"]) == N_SMALL
 
     for command in ("run", "evaluate"):
         for bad in ("ae", str(tmp_path)):
@@ -204,10 +207,10 @@ def test_repeated_ids_fail_naming_the_first_input(ray_local, shared_data, tiny_m
     (root / "records.json").write_text(json.dumps([record, record]))
 
     summary = run(RunOptions(str(root), out, tiny_model, shard_size=2, workers=1))
-    predicted = store.read_predictions(out, columns=["ids", "source"])
+    predicted = read_predictions(out, columns=["ids", "source"])
     assert sorted(predicted["ids"]) == sorted(n.removeprefix("POSCAR-") for n in names)
     assert str(root / f"{first}.cif") in set(predicted["source"])
-    failures = {(f.source, f.reason) for f in store.read_failures(out)}
+    failures = {(f.source, f.reason) for f in read_failures(out)}
     assert failures == {
         (str(root / f"{first}.vasp"), f"duplicate id, also at {root / first}.cif"),
         (str(root / names[0]), f"duplicate id, also at {root / first}.cif"),
@@ -224,7 +227,7 @@ def test_structures_over_the_atom_limit_fail_alone(ray_local, small_folder, tiny
     out = tmp_path / "r"
     summary = run(RunOptions(str(small_folder), out, tiny_model, shard_size=8, workers=1,
                              max_atoms=limit))
-    failures = {f.id: f for f in store.read_failures(out)}
+    failures = {f.id: f for f in read_failures(out)}
     assert set(failures) == {i for i, n in sizes.items() if n > limit} != set()
     for f in failures.values():
         assert (f.stage, f.reason) == (
@@ -256,8 +259,8 @@ def test_a_structure_too_big_for_the_memory_left_fails_alone(shared_data, tiny_m
     big = Poscar.from_file(str(inputs / names[0])).atoms.make_supercell([8, 8, 2])
     big.write_poscar(str(inputs / "POSCAR-big"))
     attrs = {"model_id": "tiny-test", "model_hash": "tiny"}
-    manifest = store.Manifest.create(out, {})
-    graphs, predictions = (store.shard_name(kind, 0) for kind in store.KINDS)
+    manifest = Manifest.create(out, {})
+    graphs, predictions = (shard_name(kind, 0) for kind in KINDS)
     manifest.add(graphs, build_graph_shard(next(chunks(discover(inputs), 8)), out / graphs, attrs))
     build_graph_shard(next(chunks(discover(inputs / names[0]), 1)), warm / graphs, attrs)
 
@@ -267,7 +270,7 @@ def test_a_structure_too_big_for_the_memory_left_fails_alone(shared_data, tiny_m
                             check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     manifest.add(predictions, json.loads(result.stdout.splitlines()[-1]))
-    (failure,) = store.read_failures(out)
+    (failure,) = read_failures(out)
     assert failure.id == "big" and failure.stage == "predict"
     assert failure.reason.startswith(f"prediction failed ({big.num_atoms} atoms): RuntimeError")
     assert "can't allocate memory" in failure.reason
@@ -279,17 +282,17 @@ def test_a_garbage_manifest_is_rebuilt_and_only_the_rest_recomputed(ray_local, s
     out = tmp_path / "r"
     opts = RunOptions(str(small_folder), out, tiny_model, shard_size=8, workers=1)
     run(opts)
-    before = store.read_predictions(out, columns=["ids", "band_gap"])
-    damaged = out / store.shard_name("predictions", 1)
+    before = read_predictions(out, columns=["ids", "band_gap"])
+    damaged = out / shard_name("predictions", 1)
     flip_byte(damaged)
-    (out / store.MANIFEST).write_bytes(b"\x00" * 100)
+    (out / MANIFEST).write_bytes(b"\x00" * 100)
     result = CliRunner().invoke(main, ["query", str(out)])
     assert result.exit_code == 1 and "manifest.json: not valid JSON" in result.output
 
     again = run(opts)
-    assert again.manifest_rebuilt_because.startswith(f"{out / store.MANIFEST}: not valid JSON")
+    assert again.manifest_rebuilt_because.startswith(f"{out / MANIFEST}: not valid JSON")
     assert again.n_skipped_shards == 1 and again.n_read == N_SMALL
-    after = store.read_predictions(out, columns=["ids", "band_gap"], verify=True)
+    after = read_predictions(out, columns=["ids", "band_gap"], verify=True)
     assert after["ids"].tolist() == before["ids"].tolist()
     np.testing.assert_array_equal(after["band_gap"], before["band_gap"])
     assert sorted(complete_ids(out)) == sorted(before["ids"])

@@ -13,9 +13,10 @@ from conftest import complete_ids
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from screener import store
+from screener.io import MAX_ATOMS, Failure, discover
+from screener.io.structure import MIN_DISTANCE
 from screener.pipeline import RunOptions, graphs_or_failures, run
-from screener.structures import MAX_ATOMS, MIN_DISTANCE, Failure, discover
+from screener.results.query import read_failures, read_predictions
 
 CASES: Counter = Counter()
 FUZZ = settings(max_examples=300, deadline=None, database=None,
@@ -313,8 +314,8 @@ def test_a_run_over_generated_files_accounts_for_each_once(ray_local, tiny_model
     run(RunOptions(str(folder), out, tiny_model, shard_size=4, workers=1))
     inputs = Counter((s.id, s.origin) for s in discover(folder))
     CASES["run"] += sum(inputs.values())
-    predicted = store.read_predictions(out, columns=["ids", "source"])
+    predicted = read_predictions(out, columns=["ids", "source"])
     found = Counter(zip(map(str, predicted["ids"]), map(str, predicted["source"])))
-    found.update((f.id, f.source) for f in store.read_failures(out))
+    found.update((f.id, f.source) for f in read_failures(out))
     assert found == inputs
     assert len(complete_ids(out)) == sum(inputs.values())

@@ -8,13 +8,14 @@ import torch
 from click.testing import CliRunner
 from conftest import GPAW_LABELS, TINY
 
-from screener import gap_fit, store
 from screener.cli import main
-from screener.dataset import read_structures, read_training_set, write_training_set
-from screener.metrics import expected_calibration_error, reliability
+from screener.io import read_records
 from screener.model import build_model, load_checkpoint, save_checkpoint
 from screener.predict import predict, prediction_columns
-from screener.structures import read_records
+from screener.results.query import query
+from screener.training import gap_fit
+from screener.training.dataset import read_structures, read_training_set, write_training_set
+from screener.training.metrics import expected_calibration_error, reliability
 from screener.window import p_in_window
 
 N_LABELLED = 160
@@ -53,7 +54,7 @@ def small_set(tmp_path_factory, shared_data):
     path = folder / "labels.h5"
     write_training_set(path, [read_structures(GPAW_LABELS)[i] for i in rows], data.dos[rows],
                        data.ref_gap[rows], data.attrs,
-                       {name: values[rows] for name, values in data.extra.items()})
+                       extra={name: values[rows] for name, values in data.extra.items()})
     taken = set(data.ids)
     records = [r for r in read_records(shared_data / "jarvis_structures.json.gz")
                if r["jid"] not in taken and r["optb88vdw_bandgap"] != "na"][:60]
@@ -113,12 +114,12 @@ def test_screen_ranks_the_shortlist_by_probability(tmp_path, shared_data, ray_lo
     for column in ("p_in_window", "band_gap_eV", "band_gap_std_eV", "dos_band_gap_eV",
                    "p_metal", "in_domain"):
         assert column in header
-    rows = store.query(out, bandgap=(1.0, 2.0))
+    rows = query(out, bandgap=(1.0, 2.0))
     assert len(rows["ids"]) == 201  # min_probability 0 keeps every structure
     assert np.all(np.diff(rows["p_in_window"]) <= 0)
-    inside = store.query(out, bandgap=(1.0, 2.0), in_domain_only=True)
+    inside = query(out, bandgap=(1.0, 2.0), in_domain_only=True)
     assert 0 < len(inside["ids"]) < 201 and inside["in_domain"].all()
-    strict = store.query(out, bandgap=(1.0, 2.0), min_probability=0.5)
+    strict = query(out, bandgap=(1.0, 2.0), min_probability=0.5)
     point = (strict["band_gap"] >= 1.0) & (strict["band_gap"] <= 2.0)
     assert np.all((strict["p_in_window"] >= 0.5) | point)
     again = CliRunner().invoke(main, ["run", "--structures", str(shared_data / "poscar"),

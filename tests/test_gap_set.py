@@ -2,15 +2,18 @@
 and training on it moves predicted spectra inside the bounds."""
 import gzip
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from screener import train as training
-from screener.dataset import SPLIT_SEED, from_json
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
-from screener.gap_set import (
+from screener.io import discover
+from screener.training import train as training
+from screener.training.config import gap_settings
+from screener.training.dataset import SPLIT_SEED, from_json
+from screener.training.gap_set import (
     EDGE_MARGIN,
     METAL_FLOOR,
     bounds_excess,
@@ -18,7 +21,7 @@ from screener.gap_set import (
     read_gap_set,
     spectrum_bounds,
 )
-from screener.structures import discover
+from screener.training.parts import load_gap_parts, load_parts
 from tests.test_train import data_path, local_run, one_epoch, settings_for  # noqa: F401
 
 SMALL = 80
@@ -85,12 +88,12 @@ def test_reads_real_records_minus_exclusions_with_a_seeded_split(records):
 def test_training_with_the_gap_set_lowers_its_bounds_excess(data_path, records):  # noqa: F811
     """Same model, data, seed and steps, with and without the gap term."""
     path, _ = records
-    settings = settings_for(data_path, **training.gap_settings(data_path, path, [], 10.0))
-    gap_part, _ = training.load_gap_parts(settings, 0, 1)
+    settings = settings_for(data_path, **gap_settings(data_path, path, [], 10.0))
+    gap_part, _ = load_gap_parts(settings, 0, 1)
     excess = []
     for with_gaps in (False, True):
         task, train_part, _, optimizer, scheduler = local_run(settings)
-        for epoch in range(1, settings["epochs"] + 1):
+        for epoch in range(1, settings.epochs + 1):
             one_epoch(task, train_part, optimizer, scheduler, settings, epoch,
                       gap_part if with_gaps else None)
         excess.append(training.validation_mean(task.trainable, task.decode, gap_part, 16,
@@ -102,20 +105,20 @@ def test_training_with_the_gap_set_lowers_its_bounds_excess(data_path, records):
 def test_hold_out_and_the_training_set_are_left_out(data_path, records, shared_data):  # noqa: F811
     path, _ = records
     held = training.held_out_ids([shared_data / "poscar"])
-    settings = training.gap_settings(data_path, path, held, 2.0)
+    settings = gap_settings(data_path, path, held, 2.0)
     poscars = {source.id for source in discover(shared_data / "poscar")}
     assert set(held) == poscars
-    assert poscars <= set(settings["gap_exclude"]) and settings["gap_weight"] == 2.0
-    assert len(settings["gaps_hash"]) == 64
-    gap_set = read_gap_set(path, settings["gap_exclude"])
-    assert not set(gap_set.ids) & set(settings["gap_exclude"])
+    assert poscars <= set(settings.gap_exclude) and settings.gap_weight == 2.0
+    assert len(settings.gaps_hash) == 64
+    gap_set = read_gap_set(path, settings.gap_exclude)
+    assert not set(gap_set.ids) & set(settings.gap_exclude)
 
 
 def test_hold_out_leaves_the_training_set_too(data_path):  # noqa: F811
     data = training.read_training_set(data_path, graphs=False)
     held = [str(data.ids[data.split["train"][0]]), str(data.ids[data.split["val"][0]])]
-    full = training.load_parts(str(data_path), 0, 1, lambda dos: dos)
-    kept = training.load_parts(str(data_path), 0, 1, lambda dos: dos, hold_out=held)
+    full = load_parts(str(data_path), 0, 1, lambda dos: dos)
+    kept = load_parts(str(data_path), 0, 1, lambda dos: dos, hold_out=held)
     for before, after in zip(full, kept):
         assert len(after.rows) == len(before.rows) - 1
         assert not set(data.ids[after.rows].astype(str)) & set(held)
@@ -123,11 +126,11 @@ def test_hold_out_leaves_the_training_set_too(data_path):  # noqa: F811
 
 def test_the_gap_split_does_not_follow_the_training_seed(data_path, records):  # noqa: F811
     path, _ = records
-    settings = settings_for(data_path, **training.gap_settings(data_path, path, [], 10.0))
-    first, other = (training.load_gap_parts({**settings, "seed": seed}, 0, 1) for seed in (0, 5))
+    settings = settings_for(data_path, **gap_settings(data_path, path, [], 10.0))
+    first, other = (load_gap_parts(replace(settings, seed=seed), 0, 1) for seed in (0, 5))
     for a, b in zip(first, other, strict=True):
         assert np.array_equal(a.rows, b.rows)
-    assert training.gap_meta({**settings, "seed": 5})["seed"] == SPLIT_SEED
+    assert training.gap_meta(replace(settings, seed=5))["seed"] == SPLIT_SEED
 
 
 def test_labelled_spectra_are_bounded_by_their_own_gap(shared_data):

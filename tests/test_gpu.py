@@ -10,15 +10,16 @@ import pytest
 import torch
 from conftest import GPAW_LABELS
 
-from screener import store
 from screener.dos import E_STEP
-from screener.pipeline import RunOptions, run, shipped_model
+from screener.pipeline import RunOptions, run
+from screener.results.query import read_predictions
+from screener.shipped import shipped_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def by_id(results: Path) -> dict[str, np.ndarray]:
-    table = store.read_predictions(results, columns=["ids", "dos", "band_gap"])
+    table = read_predictions(results, columns=["ids", "dos", "band_gap"])
     order = np.argsort(table["ids"])
     return {key: np.asarray(values)[order] for key, values in table.items()}
 
@@ -42,7 +43,7 @@ def test_training_runs_on_a_gpu_worker(ray_local, tmp_path):
     """`screen train --gpus-per-worker 1`: Ray Train places the worker on the GPU and the run
     ends with a usable checkpoint."""
     from screener.model import load_checkpoint
-    from screener.train import train
+    from screener.training.train import train
 
     metrics = train(GPAW_LABELS, tmp_path / "run", workers=1, gpus_per_worker=1, batch_size=16,
                     epochs=3, patience=3, loss="l1", amp=True,

@@ -17,10 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from screener.cli import main
-from screener.dataset import read_training_set
-from screener.dft import Settings
-from screener.dos import E_STEP, ENERGY_GRID, band_gap, valence_electrons
-from screener.label import (
+from screener.dft.gpaw import Settings
+from screener.dft.label import (
     GAPPED_ABOVE,
     LOST,
     _failure_part,
@@ -35,7 +33,9 @@ from screener.label import (
     small_first,
     write_part,
 )
-from screener.structures import Failure
+from screener.dos import E_STEP, ENERGY_GRID, band_gap, valence_electrons
+from screener.io import Failure
+from screener.training.dataset import read_training_set
 
 FAST = Settings(kpt_density=1.0)
 CELLS = ("JVASP-816", "JVASP-1014", "JVASP-116", "JVASP-1130", "JVASP-7577")  # Al Ta MgO LiF Si

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from screener.metrics import (
+from screener.training.metrics import (
     baseline_spectrum,
     gap_metrics,
     grouped_mae,

@@ -9,6 +9,7 @@ import torch
 
 from screener.dos import GAP_THRESHOLD
 from screener.graphs import build_graph, collate
+from screener.io import discover, load
 from screener.model import (
     AEALIGNN,
     ALIGNN,
@@ -23,7 +24,6 @@ from screener.model import (
     to_tensors,
 )
 from screener.model import alignn as alignn_module
-from screener.structures import discover, load
 
 SMALL = {"hidden": 16, "embedding": 8, "edge_rbf": 12, "angle_rbf": 6, "alignn_layers": 2,
          "gcn_layers": 2}

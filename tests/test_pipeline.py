@@ -12,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import all_ids, complete_ids, kill_group, screen_cmd
 
-from screener import store
 from screener.cli import main
+from screener.io import discover
 from screener.model import CheckpointError
 from screener.pipeline import RunOptions, run
-from screener.structures import discover
+from screener.results.manifest import MANIFEST, Manifest
+from screener.results.query import read_failures, read_predictions
 
 
 def test_poscar_folder_completes_exactly_once(ray_local, shared_data, tiny_model, tmp_path):
@@ -25,7 +26,7 @@ def test_poscar_folder_completes_exactly_once(ray_local, shared_data, tiny_model
     ids = all_ids(out)
     assert summary.n_read == 201 == len(ids) == len(set(ids))
     assert {f"JVASP-{p.name.split('-')[-1]}" for p in (shared_data / "poscar").iterdir()} == set(ids)
-    preds = store.read_predictions(out)
+    preds = read_predictions(out)
     assert preds["dos"].shape == (summary.n_predicted, 300)
     assert np.all(preds["dos"] >= 0) and np.all(np.isfinite(preds["band_gap"]))
     again = run(RunOptions(str(shared_data / "poscar"), out, tiny_model, shard_size=64, workers=1))
@@ -37,7 +38,7 @@ def test_unreadable_model_fails_naming_it_and_writes_no_results(ray_local, share
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=str(bad)):
         run(RunOptions(str(shared_data / "poscar"), tmp_path / "r", bad))
-    assert not (tmp_path / "r" / store.MANIFEST).exists()
+    assert not (tmp_path / "r" / MANIFEST).exists()
 
 
 def broken_folder(shared_data: Path, root: Path) -> dict[str, str]:
@@ -71,7 +72,7 @@ def test_broken_files_become_failures_and_good_ones_survive(ray_local, shared_da
     expected = broken_folder(shared_data, tmp_path / "mixed")
     out = tmp_path / "r"
     summary = run(RunOptions(str(tmp_path / "mixed"), out, tiny_model, shard_size=4, workers=1))
-    failures = {f.id: f for f in store.read_failures(out)}
+    failures = {f.id: f for f in read_failures(out)}
     assert set(failures) == set(expected)
     for fid, words in expected.items():
         assert words in failures[fid].reason.lower(), failures[fid]
@@ -92,7 +93,7 @@ def test_killed_driver_resumes_with_every_id_once(shared_data, tiny_model, tmp_p
     proc = subprocess.Popen(args, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if (out / store.MANIFEST).exists() and store.Manifest.load(out).complete("predictions"):
+        if (out / MANIFEST).exists() and Manifest.load(out).complete("predictions"):
             break
         time.sleep(0.5)
     assert proc.poll() is None, "the run finished before it could be killed"
@@ -100,7 +101,7 @@ def test_killed_driver_resumes_with_every_id_once(shared_data, tiny_model, tmp_p
     proc.wait()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # the local Ray this driver started, and nothing else
-    done_before = len(store.Manifest.load(out).shards)
+    done_before = len(Manifest.load(out).shards)
     assert 0 < done_before
     subprocess.run(args, check=True, timeout=600)
     ids = complete_ids(out)
@@ -115,7 +116,7 @@ def test_query_and_plot_commands(ray_local, shared_data, tiny_model, tmp_path):
     csv = runner.invoke(main, ["query", str(out), "--bandgap", "0:100", "--elements", "O", "--format", "csv"])
     assert csv.exit_code == 0, csv.output
     lines = csv.output.strip().splitlines()
-    preds = store.read_predictions(out, columns=["ids", "elements"])
+    preds = read_predictions(out, columns=["ids", "elements"])
     assert len(lines) - 1 == sum("O" in e.split() for e in preds["elements"])
     first = str(preds["ids"][0])
     png = tmp_path / "dos.png"

@@ -13,10 +13,29 @@ import numpy as np
 import pytest
 from conftest import REPO, repo_env
 
-from screener import store
 from screener.dos import ENERGY_GRID, band_gap, dos_at_ef
-from screener.store import Manifest, SchemaError, ShardWriter, shard_name
-from screener.structures import Failure, Structure, discover, load
+from screener.errors import ScreenerError
+from screener.io import Failure, Structure, discover, load
+from screener.io.files import file_sha256
+from screener.results.hdf5 import SchemaError, attr, create_dataset, read_graphs, write_graphs
+from screener.results.manifest import MANIFEST, Manifest, complete_shards, run_lock
+from screener.results.query import UnknownColumn, query, read_failures, read_predictions
+from screener.results.shards import (
+    CONFIG_ATTR,
+    PREDICTION_COLUMNS,
+    SCHEMA_VERSION,
+    ShardWriter,
+    config_attr,
+    elements_of,
+    empty_prediction_table,
+    ids_digest,
+    read_graph_shard,
+    shard_info,
+    shard_name,
+    write_graph_shard,
+    write_prediction_shard,
+)
+from screener.results.tables import format_table, to_json, write_csv
 
 K = 16
 ATTRS = {"model_id": "test-model", "model_hash": "a" * 64}
@@ -64,7 +83,7 @@ def prediction_table(**columns) -> dict[str, np.ndarray]:
 
 def add_predictions(results: Path, index: int, table: dict, failures=()) -> Path:
     path = results / shard_name("predictions", index)
-    info = store.write_prediction_shard(path, table, list(failures), ATTRS)
+    info = write_prediction_shard(path, table, list(failures), ATTRS)
     Manifest.load(results).add(shard_name("predictions", index), info)
     return path
 
@@ -72,11 +91,11 @@ def add_predictions(results: Path, index: int, table: dict, failures=()) -> Path
 def test_graphs_round_trip_and_selection(tmp_path):
     _, graphs = graph_chunk(n=9)
     with h5py.File(tmp_path / "g.h5", "w") as f:
-        store.write_graphs(f.create_group("graphs"), graphs)
+        write_graphs(f.create_group("graphs"), graphs)
     with h5py.File(tmp_path / "g.h5", "r") as f:
-        back = store.read_graphs(f["graphs"])
-        picked = store.read_graphs(f["graphs"], [5, 1, 5])
-        assert store.read_graphs(f["graphs"], []) == []
+        back = read_graphs(f["graphs"])
+        picked = read_graphs(f["graphs"], [5, 1, 5])
+        assert read_graphs(f["graphs"], []) == []
     for want, got in zip(graphs + [graphs[5], graphs[1], graphs[5]], back + picked):
         assert set(got) == set(want)
         for key in want:
@@ -88,19 +107,19 @@ def test_write_graphs_refuses_graph_not_shaped_for_k(tmp_path):
     _, graphs = graph_chunk(n=3)
     graphs[2]["angle_cos"] = graphs[2]["angle_cos"][:-1]
     with h5py.File(tmp_path / "g.h5", "w") as f, pytest.raises(ValueError, match="graph 2"):
-        store.write_graphs(f.create_group("graphs"), graphs)
+        write_graphs(f.create_group("graphs"), graphs)
 
 
 def test_graph_shard_round_trip_with_attrs_and_record(tmp_path):
     structures, graphs = graph_chunk()
     path = tmp_path / shard_name("graphs", 3)
-    info = store.write_graph_shard(path, structures, graphs, FAILURES, {**ATTRS, "k": K})
+    info = write_graph_shard(path, structures, graphs, FAILURES, {**ATTRS, "k": K})
 
-    table, back, failures = store.read_graph_shard(path, info, verify=True)
+    table, back, failures = read_graph_shard(path, info, verify=True)
     assert list(table["ids"]) == [s.id for s in structures]
     assert list(table["source"]) == [s.source for s in structures]
     assert list(table["formula"]) == [s.formula for s in structures]
-    assert list(table["elements"]) == [store.elements_of(s.formula) for s in structures]
+    assert list(table["elements"]) == [elements_of(s.formula) for s in structures]
     np.testing.assert_array_equal(table["n_atoms"], [s.n_atoms for s in structures])
     for want, got in zip(graphs, back):
         for key in want:
@@ -109,12 +128,12 @@ def test_graph_shard_round_trip_with_attrs_and_record(tmp_path):
 
     ids = [s.id for s in structures] + [f.id for f in FAILURES]
     assert info == {"kind": "graphs", "n": len(graphs), "n_failed": 2,
-                    "ids_sha256": store.ids_digest(ids), "size": path.stat().st_size,
-                    "sha256": store.file_sha256(path)}
-    assert store.shard_info(path) == info
+                    "ids_sha256": ids_digest(ids), "size": path.stat().st_size,
+                    "sha256": file_sha256(path)}
+    assert shard_info(path) == info
     with h5py.File(path, "r") as f:
-        attrs = {key: store.attr(f, key) for key in f.attrs}
-    assert attrs["schema_version"] == store.SCHEMA_VERSION and attrs["kind"] == "graphs"
+        attrs = {key: attr(f, key) for key in f.attrs}
+    assert attrs["schema_version"] == SCHEMA_VERSION and attrs["kind"] == "graphs"
     assert attrs["model_id"] == ATTRS["model_id"] and attrs["model_hash"] == ATTRS["model_hash"]
     assert attrs["k"] == K and attrs["screener_version"]
     assert datetime.fromisoformat(attrs["created"]).tzinfo is not None
@@ -122,14 +141,14 @@ def test_graph_shard_round_trip_with_attrs_and_record(tmp_path):
 
 def test_shard_of_a_chunk_where_everything_failed(tmp_path):
     path = tmp_path / shard_name("graphs", 0)
-    info = store.write_graph_shard(path, [], [], FAILURES, ATTRS)
-    table, graphs, failures = store.read_graph_shard(path)
+    info = write_graph_shard(path, [], [], FAILURES, ATTRS)
+    table, graphs, failures = read_graph_shard(path)
     assert len(table["ids"]) == 0 and graphs == [] and failures == FAILURES
     assert (info["n"], info["n_failed"]) == (0, 2)
 
     Manifest.create(tmp_path, {})
-    add_predictions(tmp_path, 0, store.empty_prediction_table(), FAILURES)
-    rows = store.read_predictions(tmp_path)
+    add_predictions(tmp_path, 0, empty_prediction_table(), FAILURES)
+    rows = read_predictions(tmp_path)
     assert len(rows["ids"]) == 0 and rows["dos"].shape == (0, len(ENERGY_GRID))
 
 
@@ -141,55 +160,55 @@ def test_prediction_shards_round_trip_real_spectra(tmp_path, shared_data):
     gap, vbm, cbm = band_gap(dos)
     table = {"ids": [s.id for s in structures], "source": [s.source for s in structures],
              "formula": [s.formula for s in structures],
-             "elements": [store.elements_of(s.formula) for s in structures],
+             "elements": [elements_of(s.formula) for s in structures],
              "n_atoms": [s.n_atoms for s in structures], "band_gap": gap, "vbm": vbm, "cbm": cbm,
              "dos_at_ef": dos_at_ef(dos), "dos": dos}
     Manifest.create(tmp_path, {"model_hash": ATTRS["model_hash"]})
     for index, part in ((1, slice(6, None)), (0, slice(0, 6))):
         add_predictions(tmp_path, index, {k: np.asarray(v)[part] for k, v in table.items()})
 
-    rows = store.read_predictions(tmp_path, verify=True, model_hash=ATTRS["model_hash"])
-    assert list(rows) == list(store.PREDICTION_COLUMNS)
+    rows = read_predictions(tmp_path, verify=True, model_hash=ATTRS["model_hash"])
+    assert list(rows) == list(PREDICTION_COLUMNS)
     for key, want in table.items():
         np.testing.assert_array_equal(rows[key], np.asarray(want, dtype=rows[key].dtype))
     assert rows["dos"].dtype == np.float32 and rows["n_atoms"].dtype == np.int32
     assert rows["ids"].dtype.kind == "U" and rows["elements"][0] == "Al As"
     subset = ["formula", "band_gap"]
-    assert list(store.read_predictions(tmp_path, subset)) == subset
+    assert list(read_predictions(tmp_path, subset)) == subset
     with h5py.File(tmp_path / shard_name("predictions", 0), "r") as f:
         np.testing.assert_array_equal(f.attrs["energy_grid"], ENERGY_GRID)
         assert f["dos"].compression == "gzip" and f["dos"].chunks == (6, len(ENERGY_GRID))
     with pytest.raises(ValueError, match="unknown prediction columns"):
-        store.read_predictions(tmp_path, ["gap"])
+        read_predictions(tmp_path, ["gap"])
 
 
 def test_prediction_shard_refuses_bad_tables(tmp_path):
     path = tmp_path / "p.h5"
     table = prediction_table(ids=["a", "b"])
     with pytest.raises(ValueError, match="differ from the schema"):
-        store.write_prediction_shard(path, {**table, "extra": [1, 2]}, [], ATTRS)
+        write_prediction_shard(path, {**table, "extra": [1, 2]}, [], ATTRS)
     with pytest.raises(ValueError, match="different lengths"):
-        store.write_prediction_shard(path, {**table, "band_gap": [1.0]}, [], ATTRS)
+        write_prediction_shard(path, {**table, "band_gap": [1.0]}, [], ATTRS)
     with pytest.raises(ValueError, match="dos has shape"):
-        store.write_prediction_shard(path, {**table, "dos": np.zeros((2, 3))}, [], ATTRS)
+        write_prediction_shard(path, {**table, "dos": np.zeros((2, 3))}, [], ATTRS)
     with pytest.raises(ValueError, match="model_hash"):
-        store.write_prediction_shard(path, table, [], {"model_id": "m"})
+        write_prediction_shard(path, table, [], {"model_id": "m"})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_reader_sees_only_complete_listed_shards_while_a_run_writes(tmp_path):
     Manifest.create(tmp_path, {"input": "x"})
     add_predictions(tmp_path, 0, prediction_table(ids=["a", "b"]))
-    store.write_prediction_shard(tmp_path / shard_name("predictions", 1),
-                                 prediction_table(ids=["unlisted"]), [], ATTRS)
+    write_prediction_shard(tmp_path / shard_name("predictions", 1),
+                           prediction_table(ids=["unlisted"]), [], ATTRS)
     (tmp_path / (shard_name("predictions", 2) + ".tmp")).write_bytes(b"half a shard")
     with ShardWriter(tmp_path / shard_name("predictions", 3), "predictions", ATTRS) as f:
         f.create_dataset("ids", data=["being written"])
         f.create_dataset("failures/ids", data=[""], dtype=h5py.string_dtype())
-        assert list(store.read_predictions(tmp_path)["ids"]) == ["a", "b"]
+        assert list(read_predictions(tmp_path)["ids"]) == ["a", "b"]
     assert (tmp_path / shard_name("predictions", 3)).exists()
-    assert list(store.read_predictions(tmp_path)["ids"]) == ["a", "b"]
-    assert list(store.query(tmp_path)["ids"]) == ["a", "b"]
+    assert list(read_predictions(tmp_path)["ids"]) == ["a", "b"]
+    assert list(query(tmp_path)["ids"]) == ["a", "b"]
 
     on_disk = Manifest.load(tmp_path)
     assert on_disk.config == {"input": "x"}
@@ -234,7 +253,7 @@ def test_manifest_orders_chunks_and_resumes_with_the_same_config(tmp_path):
     config = {"model_hash": ATTRS["model_hash"], "input": "/data", "bandgap": (1.4, 1.6)}
     manifest = Manifest.open(tmp_path, config)
     path = tmp_path / shard_name("graphs", 0)
-    info = store.write_graph_shard(path, *graph_chunk(n=2), FAILURES, ATTRS)
+    info = write_graph_shard(path, *graph_chunk(n=2), FAILURES, ATTRS)
     for index in (100000, 99999, 0):
         manifest.add(shard_name("graphs", index), info)
     manifest.add(shard_name("predictions", 5), {**info, "kind": "predictions", "seconds": 1.5})
@@ -244,7 +263,7 @@ def test_manifest_orders_chunks_and_resumes_with_the_same_config(tmp_path):
     assert resumed.shards == manifest.shards and resumed.config == {**config, "bandgap": [1.4, 1.6]}
     assert resumed.shards[shard_name("predictions", 5)]["seconds"] == 1.5
     assert resumed.has(shard_name("graphs", 0), info["ids_sha256"])
-    assert not resumed.has(shard_name("graphs", 0), store.ids_digest(["other"]))
+    assert not resumed.has(shard_name("graphs", 0), ids_digest(["other"]))
     assert not resumed.has(shard_name("graphs", 1))
     with pytest.raises(SchemaError, match=r"manifest\.json.*model_hash"):
         Manifest.open(tmp_path, {**config, "model_hash": "b" * 64})
@@ -269,7 +288,7 @@ def test_writer_that_raises_leaves_no_file(tmp_path):
 def test_killed_writer_leaves_only_a_tmp_file_readers_ignore(tmp_path):
     Manifest.create(tmp_path, {})
     path = tmp_path / shard_name("predictions", 0)
-    script = ("import os, signal, sys\nfrom screener.store import ShardWriter\n"
+    script = ("import os, signal, sys\nfrom screener.results.shards import ShardWriter\n"
               "with ShardWriter(sys.argv[1], 'predictions', {'model_id': 'm', 'model_hash': 'h'})"
               " as f:\n    f.create_dataset('ids', data=['a'])\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n")
@@ -277,7 +296,7 @@ def test_killed_writer_leaves_only_a_tmp_file_readers_ignore(tmp_path):
                           env=repo_env())
     assert done.returncode == -9
     assert not path.exists() and path.with_name(path.name + ".tmp").exists()
-    assert len(store.read_predictions(tmp_path)["ids"]) == 0
+    assert len(read_predictions(tmp_path)["ids"]) == 0
 
 
 def test_truncated_shard_is_refused_naming_its_path(tmp_path):
@@ -285,13 +304,13 @@ def test_truncated_shard_is_refused_naming_its_path(tmp_path):
     path = add_predictions(tmp_path, 0, prediction_table(ids=["a", "b"]))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(SchemaError, match=named(path, r".*truncated")):
-        store.read_predictions(tmp_path)
+        read_predictions(tmp_path)
 
     graph_path = tmp_path / "g.h5"
-    store.write_graph_shard(graph_path, *graph_chunk(), [], ATTRS)
+    write_graph_shard(graph_path, *graph_chunk(), [], ATTRS)
     graph_path.write_bytes(graph_path.read_bytes()[:4000])
     with pytest.raises(SchemaError, match=named(graph_path, r": unreadable HDF5.*truncated")):
-        store.read_graph_shard(graph_path)
+        read_graph_shard(graph_path)
 
 
 def test_flipped_bytes_are_found_by_verify(tmp_path):
@@ -302,9 +321,9 @@ def test_flipped_bytes_are_found_by_verify(tmp_path):
     data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
     path.write_bytes(bytes(data))
     with pytest.raises(SchemaError, match=named(path, r": sha256 differs")):
-        store.read_predictions(tmp_path, verify=True)
+        read_predictions(tmp_path, verify=True)
     with pytest.raises(SchemaError, match=named(path, r": sha256 differs")):
-        store.query(tmp_path, verify=True)
+        query(tmp_path, verify=True)
 
 
 def test_foreign_files_and_other_versions_are_refused(tmp_path):
@@ -312,47 +331,47 @@ def test_foreign_files_and_other_versions_are_refused(tmp_path):
     with h5py.File(foreign, "w") as f:
         f.create_dataset("ids", data=["x"])
     with pytest.raises(SchemaError, match=named(foreign, r": .*not a dos-screener shard")):
-        store.read_graph_shard(foreign)
+        read_graph_shard(foreign)
 
     text = tmp_path / "notes.h5"
     text.write_text("not hdf5")
     with pytest.raises(SchemaError, match=named(text, r": not an HDF5 file")):
-        store.read_graph_shard(text)
+        read_graph_shard(text)
     with pytest.raises(SchemaError, match="no such shard file"):
-        store.read_graph_shard(tmp_path / "missing.h5")
+        read_graph_shard(tmp_path / "missing.h5")
 
     path = tmp_path / "g.h5"
-    store.write_graph_shard(path, *graph_chunk(n=2), [], ATTRS)
+    write_graph_shard(path, *graph_chunk(n=2), [], ATTRS)
     with h5py.File(path, "r+") as f:
         f.attrs["schema_version"] = 2
     with pytest.raises(SchemaError, match=named(path, r": schema version 2, .* reads version 1")):
-        store.read_graph_shard(path)
+        read_graph_shard(path)
 
 
 def test_wrong_kind_and_wrong_model_are_refused(tmp_path):
     Manifest.create(tmp_path, {})
     path = add_predictions(tmp_path, 0, prediction_table(ids=["a"]))
     with pytest.raises(SchemaError, match=named(path, r": a 'predictions' shard where a 'graphs'")):
-        store.read_graph_shard(path)
+        read_graph_shard(path)
     wrong_model = ": written by model hash 'a+', expected 'b'"
     with pytest.raises(SchemaError, match=named(path, wrong_model)):
-        store.read_predictions(tmp_path, model_hash="b")
+        read_predictions(tmp_path, model_hash="b")
     path.unlink()
     with pytest.raises(SchemaError, match=named(path, r": no such shard file")):
-        store.read_predictions(tmp_path)
+        read_predictions(tmp_path)
 
 
 def test_read_failures_from_graph_and_prediction_shards(tmp_path):
     manifest = Manifest.create(tmp_path, {})
     structures, graphs = graph_chunk(n=2)
-    info = store.write_graph_shard(tmp_path / shard_name("graphs", 0), structures, graphs,
-                                   FAILURES, ATTRS)
+    info = write_graph_shard(tmp_path / shard_name("graphs", 0), structures, graphs,
+                             FAILURES, ATTRS)
     manifest.add(shard_name("graphs", 0), info)
     predict = Failure("S-1", "in.json[1]", "predict", "out of memory on 11 atoms")
     add_predictions(tmp_path, 0, prediction_table(ids=["S-0"]), FAILURES + [predict])
-    store.write_graph_shard(tmp_path / shard_name("graphs", 1), [], [],
-                            [Failure("unlisted", "-", "read", "-")], ATTRS)
-    assert store.read_failures(tmp_path, verify=True) == FAILURES + [predict]
+    write_graph_shard(tmp_path / shard_name("graphs", 1), [], [],
+                      [Failure("unlisted", "-", "read", "-")], ATTRS)
+    assert read_failures(tmp_path, verify=True) == FAILURES + [predict]
 
 
 # Hand-made table; the expected rows of each query below are worked out from it by hand.
@@ -405,36 +424,36 @@ def results(tmp_path) -> Path:
     ({"limit": 2}, "DF"),
 ])
 def test_query_filters(results, criteria, expected):
-    rows = store.query(results, **criteria)
+    rows = query(results, **criteria)
     assert "".join(rows["ids"]) == expected
     assert "dos" not in rows and len(rows["band_gap"]) == len(expected)
 
 
 def test_query_reads_dos_rows_of_the_hits_only_when_asked(results):
-    rows = store.query(results, bandgap=(1.4, 1.6), with_dos=True, sort="band_gap")
+    rows = query(results, bandgap=(1.4, 1.6), with_dos=True, sort="band_gap")
     assert "".join(rows["ids"]) == "BAE"
     np.testing.assert_array_equal(rows["dos"][:, 0], [10, 0, 40])
     assert rows["dos"].shape == (3, len(ENERGY_GRID))
-    assert store.query(results, formula="none", with_dos=True)["dos"].shape == (0, 300)
+    assert query(results, formula="none", with_dos=True)["dos"].shape == (0, 300)
     with pytest.raises(ValueError, match="cannot sort by 'gap'"):
-        store.query(results, sort="gap")
+        query(results, sort="gap")
 
 
 def test_output_helpers(tmp_path):
     rows = {"ids": np.array(["a", "bbb"]), "band_gap": np.array([1.3, np.nan], np.float32),
             "n_atoms": np.array([2, 12], np.int32), "dos": np.array([[0.5, 1], [2, 3]], np.float32)}
-    assert store.format_table(rows) == ("ids  band_gap  n_atoms\n"
+    assert format_table(rows) == ("ids  band_gap  n_atoms\n"
                                         "---  --------  -------\n"
                                         "a         1.3        2\n"
                                         "bbb       nan       12")
     stream = io.StringIO()
-    store.write_csv(rows, stream)
+    write_csv(rows, stream)
     assert list(csv.reader(io.StringIO(stream.getvalue()))) == [
         ["ids", "band_gap", "n_atoms", "dos_0", "dos_1"], ["a", "1.3", "2", "0.5", "1.0"],
         ["bbb", "", "12", "2.0", "3.0"]]
-    store.write_csv(rows, tmp_path / "rows.csv")
+    write_csv(rows, tmp_path / "rows.csv")
     assert (tmp_path / "rows.csv").read_bytes().decode() == stream.getvalue()
-    assert json.loads(store.to_json(rows)) == [
+    assert json.loads(to_json(rows)) == [
         {"ids": "a", "band_gap": 1.3, "n_atoms": 2, "dos": [0.5, 1.0]},
         {"ids": "bbb", "band_gap": None, "n_atoms": 12, "dos": [2.0, 3.0]}]
 
@@ -448,12 +467,12 @@ def datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
 def test_files_match_the_documented_layout(tmp_path):
     """schemas/shards.json describes exactly the datasets and attributes the writers produce."""
     layout = json.loads((REPO / "schemas" / "shards.json").read_text())
-    assert layout["schema_version"] == store.SCHEMA_VERSION
+    assert layout["schema_version"] == SCHEMA_VERSION
     structures, graphs = graph_chunk(n=3)
     paths = {"graphs": tmp_path / "g.h5", "predictions": tmp_path / "p.h5"}
-    store.write_graph_shard(paths["graphs"], structures, graphs, FAILURES, ATTRS)
-    store.write_prediction_shard(paths["predictions"], prediction_table(ids=["a", "b"]),
-                                 FAILURES, ATTRS)
+    write_graph_shard(paths["graphs"], structures, graphs, FAILURES, ATTRS)
+    write_prediction_shard(paths["predictions"], prediction_table(ids=["a", "b"]),
+                           FAILURES, ATTRS)
     for kind, path in paths.items():
         documented = layout["shards"][kind]["datasets"]
         with h5py.File(path, "r") as f:
@@ -481,14 +500,14 @@ def test_query_sorts_by_any_column_the_shards_hold(tmp_path):
     path = tmp_path / shard_name("predictions", 0)
     with ShardWriter(path, "predictions", ATTRS) as f:
         for name, column in table.items():
-            store.create_dataset(f, name, column, {})
-        store.create_dataset(f.create_group("failures"), "ids", np.array([], dtype=str), {})
-    Manifest.load(tmp_path).add(shard_name("predictions", 0), store.shard_info(path))
-    rows = store.query(tmp_path, sort="-learned_gap")
+            create_dataset(f, name, column, {})
+        create_dataset(f.create_group("failures"), "ids", np.array([], dtype=str), {})
+    Manifest.load(tmp_path).add(shard_name("predictions", 0), shard_info(path))
+    rows = query(tmp_path, sort="-learned_gap")
     assert list(rows["ids"]) == ["b", "c", "a"] and list(rows)[-1] == "learned_gap"
-    with pytest.raises(store.UnknownColumn, match="cannot sort by 'nonexistent'; columns: ids, "
+    with pytest.raises(UnknownColumn, match="cannot sort by 'nonexistent'; columns: ids, "
                                                   ".*, learned_gap$"):
-        store.query(tmp_path, sort="nonexistent")
+        query(tmp_path, sort="nonexistent")
 
 
 def flip(path: Path, offset: int, mask: int = 0x01, length: int = 1) -> bytes:
@@ -503,11 +522,11 @@ def flip(path: Path, offset: int, mask: int = 0x01, length: int = 1) -> bytes:
 
 def everything(results: Path) -> tuple:
     """All a reader can get from a results dir: every column, failure and attribute."""
-    ((path, _),) = store.complete_shards(results, "predictions")
-    table = store.read_predictions(results, model_hash=ATTRS["model_hash"])
+    ((path, _),) = complete_shards(results, "predictions")
+    table = read_predictions(results, model_hash=ATTRS["model_hash"])
     with h5py.File(path, "r") as f:
         attrs = {key: np.asarray(value).tolist() for key, value in f.attrs.items()}
-    return ({k: v.tolist() for k, v in table.items()}, store.read_failures(results), attrs)
+    return ({k: v.tolist() for k, v in table.items()}, read_failures(results), attrs)
 
 
 FLIPS = 700
@@ -542,7 +561,7 @@ def test_any_flipped_byte_is_an_error_naming_the_file_or_changes_nothing(tmp_pat
         path.write_bytes(data)
     flip(path, dos_bytes, mask=0xFF, length=16)
     with pytest.raises(SchemaError, match=named(path, ": damaged")):
-        store.query(tmp_path, with_dos=True)
+        query(tmp_path, with_dos=True)
     assert outcomes["error"] > FLIPS / 2, outcomes
 
 
@@ -551,7 +570,7 @@ def legacy_copy(source: Path, target: Path) -> None:
     attributes too), no filters but gzip, the earliest HDF5 format."""
     with h5py.File(source, "r") as old, h5py.File(target, "w") as new:
         for key in old.attrs:
-            new.attrs[key] = store.attr(old, key)
+            new.attrs[key] = attr(old, key)
 
         def copy(name, obj):
             if isinstance(obj, h5py.Dataset):
@@ -571,10 +590,10 @@ def test_shards_written_before_checksums_still_read(tmp_path):
     with h5py.File(tmp_path / "legacy.h5", "r") as f:
         assert not f["band_gap"].fletcher32 and h5py.check_string_dtype(f["ids"].dtype).length is None
     (tmp_path / "legacy.h5").replace(path)
-    Manifest.load(tmp_path).add(shard_name("predictions", 0), store.shard_info(path))
+    Manifest.load(tmp_path).add(shard_name("predictions", 0), shard_info(path))
     after = everything(tmp_path)
     assert after[:2] == before[:2]
-    assert list(store.query(tmp_path, sort="ids")["ids"]) == ["a", "b"]
+    assert list(query(tmp_path, sort="ids")["ids"]) == ["a", "b"]
 
 
 def run_config(index: int) -> dict:
@@ -582,10 +601,10 @@ def run_config(index: int) -> dict:
 
 
 def written_with(results: Path, index: int, config: dict) -> dict:
-    attrs = {**ATTRS, store.CONFIG_ATTR: store.config_attr(config)}
+    attrs = {**ATTRS, CONFIG_ATTR: config_attr(config)}
     path = results / shard_name("predictions", index)
     failure = Failure(f"failed-in-chunk-{index}", "x", "read", "why")
-    return store.write_prediction_shard(path, prediction_table(ids=[f"s{index}"]), [failure], attrs)
+    return write_prediction_shard(path, prediction_table(ids=[f"s{index}"]), [failure], attrs)
 
 
 @pytest.mark.parametrize("damage", [b"\x00garbage{", b'{"schema_version": 2}', b"[]",
@@ -604,30 +623,36 @@ def test_a_damaged_manifest_is_rebuilt_from_the_intact_shards(tmp_path, damage):
     if damage == "journal":
         next(tmp_path.glob("manifest.*.jsonl")).write_bytes(b"\x00\x01 torn\n")
     else:
-        (tmp_path / store.MANIFEST).write_bytes(damage)
+        (tmp_path / MANIFEST).write_bytes(damage)
     with pytest.raises(SchemaError):
-        store.query(tmp_path)
+        query(tmp_path)
 
     rebuilt = Manifest.open(tmp_path, config)
     assert rebuilt.rebuilt_because and "damaged" in rebuilt.rebuilt_because
     assert rebuilt.shards == {shard_name("predictions", i): infos[i] for i in (0, 2)}
     assert Manifest.load(tmp_path).shards == rebuilt.shards
     assert [p.name for p in tmp_path.glob("manifest.*.jsonl")] == [f"manifest.{rebuilt.generation}.jsonl"]
-    assert list(store.query(tmp_path, sort="ids")["ids"]) == ["s0", "s2"]
-    assert [f.id for f in store.read_failures(tmp_path)] == ["failed-in-chunk-0", "failed-in-chunk-2"]
+    assert list(query(tmp_path, sort="ids")["ids"]) == ["s0", "s2"]
+    assert [f.id for f in read_failures(tmp_path)] == ["failed-in-chunk-0", "failed-in-chunk-2"]
 
 
 def test_a_manifest_of_another_version_is_refused_not_rebuilt(tmp_path):
     Manifest.open(tmp_path, run_config(1))
-    (tmp_path / store.MANIFEST).write_text(json.dumps({"schema_version": 3}))
+    (tmp_path / MANIFEST).write_text(json.dumps({"schema_version": 3}))
     with pytest.raises(SchemaError, match="schema version 3, this screener reads version 2"):
         Manifest.open(tmp_path, run_config(1))
 
 
 HOLD_LOCK = """
 import sys, time
-from screener import store
-with store.run_lock(sys.argv[1]):
+from screener.results.shards import CONFIG_ATTR, PREDICTION_COLUMNS, SCHEMA_VERSION, config_attr, elements_of, empty_prediction_table, ids_digest, read_graph_shard, shard_info, write_graph_shard, write_prediction_shard
+from screener.results.manifest import MANIFEST, complete_shards, run_lock
+from screener.errors import ScreenerError
+from screener.results.query import UnknownColumn, query, read_failures, read_predictions
+from screener.results.hdf5 import attr, create_dataset, read_graphs, write_graphs
+from screener.io.files import file_sha256
+from screener.results.tables import format_table, to_json, write_csv
+with run_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -641,11 +666,11 @@ def test_one_run_at_a_time_and_a_dead_runs_lock_is_taken_over(tmp_path):
     try:
         assert holder.stdout.readline() == "held\n"
         refused = f"^{re.escape(str(tmp_path))}: another `screen run` is writing here"
-        with pytest.raises(store.ScreenerError, match=refused), store.run_lock(tmp_path):
+        with pytest.raises(ScreenerError, match=refused), run_lock(tmp_path):
             pass
-        assert list(store.query(tmp_path)["ids"]) == ["a"]  # readers take no lock
+        assert list(query(tmp_path)["ids"]) == ["a"]  # readers take no lock
     finally:
         holder.kill()
         holder.wait()
-    with store.run_lock(tmp_path):
+    with run_lock(tmp_path):
         pass

@@ -1,4 +1,4 @@
-"""structures.py on the real JARVIS data, on files written from it, and on broken inputs."""
+"""screener.io on the real JARVIS data, on files written from it, and on broken inputs."""
 import gzip
 import json
 import os
@@ -9,16 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from screener import structures
-from screener.structures import (
+from screener.io import (
     MAX_ATOMS,
     Failure,
     Source,
     Structure,
     discover,
+    elements,
+    formats,
     load,
     read_records,
+    records,
 )
+from screener.io import structure as structure_module
 
 SIC = "POSCAR-JVASP-107"
 
@@ -342,7 +345,7 @@ def test_a_cell_needing_too_many_periodic_images_is_refused_not_searched(tmp_pat
     """A fuzzer's basis once drove the 0.5 A spacing check to 20 GB of periodic images: past
     MAX_IMAGE_POINTS the check gives up and the cell is refused. Lowered here so that a plain
     3 A cell (27 images) crosses it."""
-    monkeypatch.setattr(structures, "MAX_IMAGE_POINTS", 10)
+    monkeypatch.setattr(structure_module, "MAX_IMAGE_POINTS", 10)
     path = tmp_path / "cubic.vasp"
     path.write_text("t\n1\n3 0 0\n0 3 0\n0 0 3\nSi\n1\nd\n0 0 0\n")
     (failure,) = load_all(path)
@@ -413,7 +416,7 @@ def inputs_that_hang_or_abort(root: Path, good: Path) -> dict[str, str]:
     os.symlink(root / "b.cif", root / "a.cif")
     os.symlink(root / "a.cif", root / "b.cif")
     with open(root / "POSCAR-huge", "wb") as fh:  # sparse: no disk is used
-        fh.truncate(structures.MAX_FILE_BYTES + 1)
+        fh.truncate(formats.MAX_FILE_BYTES + 1)
     loop = "cannot read file: [Errno 40] Too many levels of symbolic links"
     return {"fifo": "a FIFO (named pipe), not a regular file",
             "records": "a FIFO (named pipe), not a regular file",
@@ -446,7 +449,7 @@ def test_inputs_that_are_no_regular_files_fail_alone_without_blocking(tmp_path, 
 
 def test_reads_stop_at_their_limits(tmp_path, monkeypatch):
     """A gzip bomb is refused after MAX_RECORDS_BYTES of output, never inflated in full."""
-    monkeypatch.setattr(structures, "MAX_RECORDS_BYTES", 1 << 20)
+    monkeypatch.setattr(records, "MAX_RECORDS_BYTES", 1 << 20)
     bomb = tmp_path / "bomb.json.gz"
     bomb.write_bytes(gzip.compress(b"[" + b" " * (4 << 20) + b"]"))
     (failure,) = load_all(bomb)
@@ -457,7 +460,7 @@ def test_reads_stop_at_their_limits(tmp_path, monkeypatch):
 
 
 def test_element_symbols_in_any_case_and_unknown_ones_refused():
-    assert [structures.element_symbol(s) for s in ("o", "FE", " cl ", "Si")] == ["O", "Fe", "Cl", "Si"]
+    assert [elements.element_symbol(s) for s in ("o", "FE", " cl ", "Si")] == ["O", "Fe", "Cl", "Si"]
     for bad in ("Xx", "", "O2"):
         with pytest.raises(ValueError, match="is not an element symbol"):
-            structures.element_symbol(bad)
+            elements.element_symbol(bad)

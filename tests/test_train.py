@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,13 @@ import torch
 from click.testing import CliRunner
 from conftest import GPAW_LABELS, TINY, ray_workers, repo_env
 
-from screener import train as training
 from screener.cli import main
-from screener.dataset import from_json, read_training_set, write_training_set
 from screener.model import build_model, load_checkpoint
+from screener.training import train as training
+from screener.training.config import TrainConfig
+from screener.training.dataset import from_json, read_training_set, write_training_set
+from screener.training.parts import load_parts, shard
+from screener.training.task import fit_autoencoder, make_task, target_scale
 
 
 @pytest.fixture(scope="module")
@@ -28,25 +32,25 @@ def data_path(shared_data, tmp_path_factory) -> Path:
     return path
 
 
-def settings_for(data_path: Path, **changes) -> dict:
-    return {"data": str(data_path), "data_hash": "test", "arch": "d-alignn", "latent": None,
-            "config": TINY, "batch_size": 4, "lr": 1e-2, "epochs": 20, "patience": 20,
-            "loss": "mse", "amp": False, "workers": 1, "seed": 0, "ae_epochs": 40, "gaps": None,
-            "gaps_hash": None, "gap_weight": None, "gap_exclude": None, "hold_out": [], **changes}
+def settings_for(data_path: Path, **changes) -> TrainConfig:
+    return TrainConfig(**{
+        "data": str(data_path), "data_hash": "test", "arch": "d-alignn", "latent": None,
+        "config": TINY, "batch_size": 4, "lr": 1e-2, "epochs": 20, "patience": 20, "loss": "mse",
+        "amp": False, "workers": 1, "seed": 0, "ae_epochs": 40, "hold_out": [], **changes})
 
 
-def local_run(settings: dict):
+def local_run(settings: TrainConfig):
     """What one worker holds, built without Ray: model, parts, optimizer, scheduler."""
-    torch.manual_seed(settings["seed"])
-    task = training.make_task(settings)
-    train_part, val_part = training.load_parts(settings["data"], 0, 1, task.targets_of)
-    steps = -(-len(train_part.rows) // settings["batch_size"])
+    torch.manual_seed(settings.seed)
+    task = make_task(settings)
+    train_part, val_part = load_parts(settings.data, 0, 1, task.targets_of)
+    steps = -(-len(train_part.rows) // settings.batch_size)
     optimizer, scheduler = training.optimizers(task.trainable, settings, steps)
     return task, train_part, val_part, optimizer, scheduler
 
 
 def one_epoch(task, part, optimizer, scheduler, settings, epoch: int, gap_part=None) -> float:
-    order = np.random.default_rng([settings["seed"], epoch, 0]).permutation(len(part.rows))
+    order = np.random.default_rng([settings.seed, epoch, 0]).permutation(len(part.rows))
     gap_order = np.arange(len(gap_part.rows)) if gap_part else order[:0]
     return training.train_epoch(task.trainable, task, part, gap_part, optimizer, scheduler,
                                 settings, order, gap_order, torch.device("cpu"))
@@ -54,10 +58,10 @@ def one_epoch(task, part, optimizer, scheduler, settings, epoch: int, gap_part=N
 
 def test_shards_have_equal_steps_and_cover_the_split():
     rows = np.arange(7)
-    train = [training.shard(rows, r, 2, pad=True) for r in range(2)]
+    train = [shard(rows, r, 2, pad=True) for r in range(2)]
     assert [len(s) for s in train] == [4, 4]
     assert set(np.concatenate(train)) == set(rows)
-    val = [training.shard(rows[:1], r, 2, pad=False) for r in range(2)]
+    val = [shard(rows[:1], r, 2, pad=False) for r in range(2)]
     assert [len(s) for s in val] == [1, 0]
 
 
@@ -85,7 +89,7 @@ def test_checkpoint_resume_gives_identical_weights(data_path, tmp_path):
     training.advance(state, {"epoch": 1, "train_loss": loss, "val_mae": 0.1, "val_score": 0.1}, first[0].model, 5)
     training.write_checkpoint(tmp_path, state, first[0].model, first[3], first[4])
 
-    resumed = local_run({**settings, "seed": 99})
+    resumed = local_run(replace(settings, seed=99))
     saved = training.restore(resumed[0].model, tmp_path)
     resumed[3].load_state_dict(saved["optimizer"])
     resumed[4].load_state_dict(saved["scheduler"])
@@ -105,27 +109,27 @@ def test_resuming_another_run_is_refused(data_path, tmp_path):
     training.write_checkpoint(folder, state, task.model, optimizer, scheduler)
     assert training.latest_checkpoint(tmp_path) == folder
     with pytest.raises(ValueError, match="lr"):
-        training.resumable_state(folder, {**settings, "lr": 0.5})
+        training.resumable_state(folder, replace(settings, lr=0.5))
 
 
 def test_autoencoder_learns_the_spectra_and_is_reused(tmp_path):
     """On the project's GPAW spectra: the kept autoencoder reconstructs unseen validation
     spectra better than the mean training spectrum describes them."""
     settings = settings_for(GPAW_LABELS, arch="ae-alignn", latent=12, data_hash="abc")
-    path = training.fit_autoencoder(settings, tmp_path)
+    path = fit_autoencoder(settings, tmp_path)
     saved = torch.load(path, weights_only=True)
     data = read_training_set(GPAW_LABELS, graphs=False)
     mean_spectrum = data.dos[data.split["train"]].mean(0)
     baseline = float(np.abs(mean_spectrum - data.dos[data.split["val"]]).mean())
     assert saved["val_mae"] < baseline
     stamp = path.stat().st_mtime_ns
-    assert training.fit_autoencoder(settings, tmp_path) == path
+    assert fit_autoencoder(settings, tmp_path) == path
     assert path.stat().st_mtime_ns == stamp
-    task = training.make_task({**settings, "autoencoder": str(path)})
+    task = make_task(replace(settings, autoencoder=str(path)))
     assert task.targets_of(data.dos[:5]).shape == (5, 12)
     train_dos = data.dos[data.split["train"]]
     assert task.target_scale == pytest.approx(
-        training.target_scale(task.targets_of(train_dos), train_dos, "mse"), rel=1e-5)
+        target_scale(task.targets_of(train_dos), train_dos, "mse"), rel=1e-5)
     assert not any(p.requires_grad for p in task.model.decoder.parameters())
 
 
@@ -133,9 +137,9 @@ def test_gap_term_follows_the_units_of_the_spectrum_loss(data_path):
     """AE-ALIGNN's spectrum loss is on latent codes: the gap term, on decoded spectra, is
     scaled by how the mean target's loss compares with the mean spectrum's."""
     dos = read_training_set(data_path, graphs=False).dos
-    assert training.target_scale(10 * dos, dos, "l1") == pytest.approx(10, rel=1e-5)
-    assert training.target_scale(10 * dos, dos, "mse") == pytest.approx(100, rel=1e-5)
-    assert training.make_task(settings_for(data_path)).target_scale == 1
+    assert target_scale(10 * dos, dos, "l1") == pytest.approx(10, rel=1e-5)
+    assert target_scale(10 * dos, dos, "mse") == pytest.approx(100, rel=1e-5)
+    assert make_task(settings_for(data_path)).target_scale == 1
 
 
 @pytest.mark.slow
@@ -173,7 +177,7 @@ def test_training_starts_its_local_ray_with_the_state_api():
     and connect() would join it."""
     code = ("import ray\n"
             "from ray.util.state import list_actors\n"
-            "from screener.pipeline import connect\n"
+            "from screener.cluster import connect\n"
             "for dashboard in (False, True):\n"
             "    connect(None, dashboard=dashboard)\n"
             "    try:\n"
@@ -211,7 +215,7 @@ def test_killed_ae_alignn_training_resumes_from_its_last_checkpoint(ray_local, d
     out = tmp_path / "run"
     options = {"arch": "ae-alignn", "latent": 4, "ae_epochs": 20, "epochs": 5, "patience": 5,
                "batch_size": 4, "config": TINY}
-    code = (f"from screener.train import train; train({str(data_path)!r}, {str(out)!r}, "
+    code = (f"from screener.training.train import train; train({str(data_path)!r}, {str(out)!r}, "
             f"address={ray_local.get_runtime_context().gcs_address!r}, **{options!r})")
     log = tmp_path / "job.log"
     with open(log, "w") as sink:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from screener import store
 from screener.cli import main
-from screener.dataset import read_training_set
-from screener.dft import Settings
-from screener.label import parts_dir
+from screener.dft.gpaw import Settings
+from screener.dft.label import parts_dir
+from screener.dft.verify import LABELS, TABLE, rank, verify
 from screener.pipeline import RunOptions, run
-from screener.verify import LABELS, TABLE, rank, verify
+from screener.results.query import query
+from screener.training.dataset import read_training_set
 
 FAST = Settings(kpt_density=1.0)
 # The two smallest cells of the POSCAR set (18 and 11 A^3), GPAW seconds each: a hexagonal
@@ -36,7 +36,7 @@ def cells(shared_data, tmp_path_factory) -> Path:
 def screened(cells, tiny_model, ray_local, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("screened")
     run(RunOptions(str(cells), out, tiny_model, workers=1))
-    assert len(store.query(out, bandgap=WIDE)["ids"]) == 2
+    assert len(query(out, bandgap=WIDE)["ids"]) == 2
     return out
 
 
@@ -58,7 +58,7 @@ def test_top_n_gets_dft_gaps_in_a_table_and_a_training_set(verified, screened):
     rows = _table(screened)
     assert [r["id"] for r in rows] == list(SMALLEST)
     assert [r["confirmed"] for r in rows] == ["True", "True"] and not any(r["reason"] for r in rows)
-    predicted = store.query(screened, bandgap=WIDE)
+    predicted = query(screened, bandgap=WIDE)
     assert [float(r["predicted_gap"]) for r in rows] == [float(g) for g in predicted["band_gap"]]
     dft_gap = {r["id"]: float(r["dft_gap"]) for r in rows}
     assert 2.0 < dft_gap["JVASP-30458"] < 3.5 and 4.0 < dft_gap["JVASP-91"] < 5.0

@@ -6,9 +6,7 @@ reads them: opening a checkpoint never runs pickled code.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from torch import nn
 
 from screener.dos import ENERGY_GRID
 from screener.errors import ScreenerError
+from screener.io.files import atomic_path, file_sha256
 from screener.model.alignn import ALIGNN, ALIGNNConfig
 from screener.model.autoencoder import AEALIGNN
 
@@ -60,19 +59,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> str:
         "normalization": str(meta.pop("normalization", NORMALIZATION)),
         "meta": _plain(meta, "meta"),
     }
-    buffer = io.BytesIO()
+    buffer = io.BytesIO()  # not the file itself: torch names the archive after it
     torch.save(payload, buffer)
-    data = buffer.getvalue()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return hashlib.sha256(data).hexdigest()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return file_sha256(path)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -115,7 +106,7 @@ def _read(path: str | Path) -> tuple[dict, dict]:
         "arch": payload["arch"],
         "config": payload["config"],
         "model_id": payload["meta"].get("model_id") or path.stem,
-        "hash": hashlib.sha256(data).hexdigest(),
+        "hash": file_sha256(path),
         "energy_grid": payload["energy_grid"].numpy(),
         "normalization": payload["normalization"],
     }

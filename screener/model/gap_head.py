@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from screener.metrics import METAL_BELOW_EV
+from screener.dos import METAL_BELOW_EV
 
 MEMBERS = 8
 HIDDEN = 128
@@ -29,7 +29,7 @@ class GapHead(nn.Module):
 
     A member's gap is for the non-metal case: at least METAL_BELOW_EV, the smallest gap a
     spectrum on the grid can show. The buffers hold the input scaling and the calibration
-    that `screener.gap_fit` sets, so a checkpoint carries everything a prediction needs.
+    that `screener.training.gap_fit` sets, so a checkpoint carries everything a prediction needs.
     """
 
     def __init__(self, n_in: int, members: int = MEMBERS, hidden: int = HIDDEN):

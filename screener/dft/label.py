@@ -1,4 +1,4 @@
-"""Label structures with DFT (GPAW, see screener.dft): one Ray task per structure, crash-safe.
+"""Label structures with DFT (GPAW, see screener.dft.gpaw): one Ray task per structure, crash-safe.
 
 A label costs minutes, so every finished structure, labelled or failed, is written at once to
 `<out>.parts/` as a small JSON file (tmp + rename): a killed run loses only the calculations in
@@ -14,8 +14,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,24 +24,23 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from screener.dataset import (
-    JARVIS_GAP_KEY,
+from screener.dft.gpaw import Settings, calculate_with_timeout, missing_basis, provenance
+from screener.errors import ScreenerError
+from screener.io import Failure, Source, Structure, discover, load, read_records
+from screener.io.files import atomic_path
+from screener.io.records import JARVIS_GAP_KEY, parse_origin, reference_gap
+from screener.training.dataset import (
     TrainingSet,
     read_structures,
     read_training_set,
-    reference_gap_value,
     write_training_set,
 )
-from screener.dft import Settings, calculate_with_timeout, missing_basis, provenance
-from screener.errors import ScreenerError
-from screener.structures import Failure, Source, Structure, discover, load, read_records
 
 ORDERS = ("input", "small-first", "gap-balanced")
 GAPPED_ABOVE = 0.1
 STAGE = "label"
 LOST = "Ray task lost"  # the worker or node died: not the structure's fault, so tried again
 TIMEOUT = 600.0
-_RECORD_ORIGIN = re.compile(r"^(?P<file>.+\.json(\.gz)?)\[(?P<index>\d+)\]$")
 _SETTINGS_FILE = "settings.json"
 # training-set extra/<name> -> part key
 _EXTRA_FLOATS = {"gpaw_gap": "gap", "vbm": "vbm", "cbm": "cbm", "e_fermi": "e_fermi",
@@ -76,17 +73,18 @@ def parts_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def label(structures: str | Path, out: str | Path, settings: Settings | None = None,
+def label(structures: str | Path, out: str | Path, settings: Settings | None = None, *,
           address: str | None = None, workers: int | None = None, timeout: float = TIMEOUT,
           limit: int | None = None, order: str = "input", retry_failed: bool = False,
           progress: bool = True) -> LabelSummary:
     """Label the inputs found at `structures` (see read_inputs), in `order`, the first `limit`."""
-    return label_inputs(select(read_inputs(structures), order, limit), out, settings, address,
-                        workers, timeout, retry_failed, progress)
+    return label_inputs(select(read_inputs(structures), order, limit), out, settings,
+                        address=address, workers=workers, timeout=timeout,
+                        retry_failed=retry_failed, progress=progress)
 
 
 def label_inputs(selected: list[tuple[Structure | Failure, float]], out: str | Path,
-                 settings: Settings | None = None, address: str | None = None,
+                 settings: Settings | None = None, *, address: str | None = None,
                  workers: int | None = None, timeout: float = TIMEOUT,
                  retry_failed: bool = False, progress: bool = True) -> LabelSummary:
     """Label every input that has no part yet, then export all parts to `out`. A structure whose
@@ -133,7 +131,7 @@ def read_inputs(path: str | Path) -> list[tuple[Structure | Failure, float]]:
     """(structure or why it cannot be read, JARVIS reference gap or NaN) per input.
 
     A .csv is a shortlist from `screen run` (columns id or ids, and source); anything else
-    goes through structures.discover.
+    goes through screener.io.discover.
     """
     path = Path(path)
     is_csv = path.suffix.lower() == ".csv"
@@ -143,7 +141,7 @@ def read_inputs(path: str | Path) -> list[tuple[Structure | Failure, float]]:
 def load_inputs(sources: Iterable[Source]) -> list[tuple[Structure | Failure, float]]:
     """Read each source in the driver: a label task gets its structure, not a file to find."""
     check = find_spec("gpaw") is not None
-    return [(_with_basis(load(source)) if check else load(source), reference_gap(source.origin))
+    return [(_with_basis(load(source)) if check else load(source), origin_gap(source.origin))
             for source in sources]
 
 
@@ -180,19 +178,19 @@ def shortlist_sources(ids: Iterable[str], origins: Iterable[str]) -> Iterator[So
         yield Source(str(structure_id), str(origin), atoms)
 
 
-def reference_gap(origin: str) -> float:
+def origin_gap(origin: str) -> float:
     """The JARVIS optB88vdW gap of a JSON record input, NaN for files and unknown gaps."""
     record = _record_of(origin)
-    return reference_gap_value(record.get(JARVIS_GAP_KEY)) if record is not None else math.nan
+    return reference_gap(record) if record is not None else math.nan
 
 
 def _record_of(origin: str) -> dict | None:
     """The full JSON record behind a 'file.json.gz[17]' origin; None for other inputs."""
-    match = _RECORD_ORIGIN.match(origin)
-    if match is None:
+    found = parse_origin(origin)
+    if found is None:
         return None
-    records = _records(match["file"])
-    index = int(match["index"])
+    file, index = found
+    records = _records(file)
     record = records[index] if index < len(records) else {}
     return record if isinstance(record, dict) else {}
 
@@ -275,7 +273,7 @@ def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Setti
     start any more: the calculations already running are still collected, then the run stops
     with an error instead of marking every queued structure lost.
     """
-    from screener.pipeline import connect
+    from screener.cluster import connect
 
     connect(address)
     slots = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -352,15 +350,10 @@ def _part_path(parts: Path, structure_id: str) -> Path:
 
 
 def write_part(parts: Path, part: dict) -> None:
-    """Write one structure's part durably: tmp file, fsync, rename."""
+    """Write one structure's part durably (io.files.atomic_path)."""
     parts.mkdir(parents=True, exist_ok=True)
-    path = _part_path(parts, part["id"])
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(_part_path(parts, part["id"])) as tmp, open(tmp, "w") as f:
         json.dump(part, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_part(parts: Path, structure_id: str) -> dict:
@@ -479,9 +472,7 @@ def _extra(ok: list[dict]) -> dict[str, np.ndarray]:
 
 
 def _write_failures(path: Path, failed: list[Failure]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "source", "stage", "reason"])
         writer.writerows([f.id, f.source, f.stage, f.reason] for f in failed)
-    os.replace(tmp, path)

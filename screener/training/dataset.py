@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import json
 import math
-import os
 import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -26,17 +25,24 @@ from tqdm import tqdm
 from screener.dos import N_BINS, normalize, to_grid, valence_electrons
 from screener.errors import ScreenerError
 from screener.graphs import build_graph
-from screener.store import (
+from screener.io import Failure, Source, Structure, load, read_records
+from screener.io.files import atomic_path, file_sha256
+from screener.io.records import (
+    JARVIS_GAP_KEY,
+    record_id,
+    record_origin,
+    reference_gap,
+    reference_gaps,
+)
+from screener.results.hdf5 import (
     LIBVER,
     SchemaError,
     create_dataset,
     damage_named,
-    file_sha256,
     read_graphs,
     screener_version,
     write_graphs,
 )
-from screener.structures import Failure, Source, Structure, load, read_records
 
 SCHEMA_VERSION = 1
 KIND = "training_set"
@@ -52,7 +58,6 @@ SPLIT_METHOD = "id-hash"
 SPLIT_SEED = 0
 EDOS_DATASET = "edos_pdos"
 JARVIS_THEORY = "DFT, VASP, OptB88vdW (JARVIS-DFT)"
-JARVIS_GAP_KEY = "optb88vdw_bandgap"
 
 
 class DownloadError(ScreenerError, RuntimeError):
@@ -120,7 +125,7 @@ def _unit_hash(seed: int, structure_id: str) -> float:
 
 
 def write_training_set(path: str | Path, structures: list[Structure], dos: np.ndarray,
-                       ref_gap: np.ndarray, provenance: dict,
+                       ref_gap: np.ndarray, provenance: dict, *,
                        extra: dict[str, np.ndarray] | None = None, seed: int = SPLIT_SEED) -> None:
     """Build every graph and write the set atomically (tmp file + rename), split included."""
     path = Path(path)
@@ -130,13 +135,8 @@ def write_training_set(path: str | Path, structures: list[Structure], dos: np.nd
     _check_inputs(structures, dos, ref_gap, extra)
     graphs = [build_graph(s.lattice, s.positions, s.numbers)
               for s in tqdm(structures, desc="graphs", unit="structure", disable=None)]
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w", libver=LIBVER) as f:
-            _write(f, structures, graphs, dos, ref_gap, provenance, extra, seed)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", libver=LIBVER) as f:
+        _write(f, structures, graphs, dos, ref_gap, provenance, extra, seed)
 
 
 def _check_inputs(structures, dos, ref_gap, extra) -> None:
@@ -157,7 +157,7 @@ def _check_inputs(structures, dos, ref_gap, extra) -> None:
 
 
 def _write(f: h5py.File, structures, graphs, dos, ref_gap, provenance, extra, seed) -> None:
-    """Every dataset under the shards' checksums (store.create_dataset)."""
+    """Every dataset under the shards' checksums (create_dataset)."""
     f.attrs.update(kind=KIND, schema_version=SCHEMA_VERSION, n_structures=len(structures),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    screener_version=screener_version(), provenance=json.dumps(provenance))
@@ -223,7 +223,7 @@ def read_structures(path: str | Path) -> list[Structure]:
         ids = f["ids"].asstr()[()]
         offsets = group["atom_offsets"][()]
         lattice, positions, numbers = (group[k][()] for k in ("lattice", "positions", "numbers"))
-    return [Structure(id=str(sid), source=f"{path}[{i}]", lattice=lattice[i],
+    return [Structure(id=str(sid), source=record_origin(path, i), lattice=lattice[i],
                       positions=positions[offsets[i]:offsets[i + 1]],
                       numbers=numbers[offsets[i]:offsets[i + 1]])
             for i, sid in enumerate(ids)]
@@ -276,8 +276,8 @@ def from_records(records: Iterable[dict], origin: str, provenance: dict) -> Labe
     """
     structures, rows, gaps, skipped = [], [], [], []
     for i, record in enumerate(records):
-        rid = str(record.get("jid") or record.get("id") or f"{Path(origin).stem}[{i}]")
-        where = f"{origin}[{i}]"
+        rid = record_id(record, origin, i)
+        where = record_origin(origin, i)
         problem = target_problem(record.get("edos_up"))
         atoms = record.get("atoms")
         if problem is None and not isinstance(atoms, dict):
@@ -291,7 +291,7 @@ def from_records(records: Iterable[dict], origin: str, provenance: dict) -> Labe
             continue
         structures.append(structure)
         rows.append(record["edos_up"])
-        gaps.append(reference_gap_value(record.get(JARVIS_GAP_KEY)))
+        gaps.append(reference_gap(record))
     return Labelled(structures, _rows(rows), np.array(gaps, dtype=np.float32),
                     provenance, skipped)
 
@@ -311,13 +311,6 @@ def target_problem(values) -> str | None:
     if (dos < 0).any():
         return f"DOS target has {int((dos < 0).sum())} negative values (min {dos.min():.3g})"
     return None
-
-
-def reference_gap_value(value) -> float:
-    """A record's reference gap; JARVIS writes 'na' where it is unknown."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return float("nan")
 
 
 def _rows(rows: list) -> np.ndarray:
@@ -367,8 +360,7 @@ def merge_ref_gaps(labelled: Labelled, path: str | Path, key: str = JARVIS_GAP_K
     Kept apart from the sources so each source reports only what its records hold.
     """
     path = Path(path)
-    known = {str(r.get("jid") or r.get("id")): reference_gap_value(r.get(key))
-             for r in _read_records(path)}
+    known = reference_gaps(_read_records(path), path, key)
     filled = 0
     for i, structure in enumerate(labelled.structures):
         gap = known.get(structure.id, float("nan"))

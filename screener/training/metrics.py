@@ -5,9 +5,10 @@ from itertools import pairwise
 
 import numpy as np
 
+from screener.dos import METAL_BELOW_EV
+
 MAE_GOOD = 0.02
 RE_GOOD = 0.2
-METAL_BELOW_EV = 0.1
 ENERGY_WINDOWS = (-5.0, -3.0, -1.0, 0.0, 1.0, 3.0, 6.0, 10.0)
 
 

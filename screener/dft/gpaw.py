@@ -41,7 +41,7 @@ from functools import cache
 import numpy as np
 
 from screener.dos import E_MIN, E_STEP, N_BINS, normalize, to_grid, valence_electrons
-from screener.structures import Structure
+from screener.io import Structure
 
 KPT_DENSITY = 2.5
 SMEARING = 0.01

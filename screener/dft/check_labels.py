@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from screener import metrics
-from screener.dataset import Labelled, TrainingSet, from_json, read_training_set
-from screener.dos import E_STEP, ENERGY_GRID, N_BINS, band_gap
+from screener.dos import E_STEP, ENERGY_GRID, METAL_BELOW_EV, N_BINS, band_gap
 from screener.plots import draw_dos
-from screener.store import SchemaError
+from screener.results.hdf5 import SchemaError
+from screener.training import metrics
+from screener.training.dataset import Labelled, TrainingSet, from_json, read_training_set
 
 LABEL_EXTRA = ("gpaw_gap", "vbm", "cbm")
 GAP_PARITY = "gap_parity.png"
@@ -61,7 +61,7 @@ def read_labels(path: str | Path) -> TrainingSet:
 def gap_check(gpaw_gap: np.ndarray, ref_gap: np.ndarray) -> dict:
     """GPAW vs reference gaps over the structures with a reference; metals count as 0 eV.
 
-    Gapped means a reference gap of at least metrics.METAL_BELOW_EV, the same split as the
+    Gapped means a reference gap of at least METAL_BELOW_EV, the same split as the
     metal/non-metal confusion, so the gapped MAE and the disagreement count share one class line.
     """
     known = np.isfinite(ref_gap)
@@ -70,7 +70,7 @@ def gap_check(gpaw_gap: np.ndarray, ref_gap: np.ndarray) -> dict:
     if not known.any():
         return {"n": 0}
     overall = metrics.gap_metrics(gpaw, ref)
-    gapped = ref >= metrics.METAL_BELOW_EV
+    gapped = ref >= METAL_BELOW_EV
     (_, metal_as_gapped), (gapped_as_metal, _) = overall["confusion"]
     return {
         "n": overall["n_known"],

@@ -17,15 +17,15 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from screener.dataset import read_training_set
-from screener.dos import band_gap
-from screener.gap_set import read_gap_set
-from screener.metrics import METAL_BELOW_EV, expected_calibration_error
+from screener.dos import METAL_BELOW_EV, band_gap
 from screener.model import build_model, load_checkpoint, save_checkpoint
 from screener.model.domain import training_domain
 from screener.model.gap_head import MEMBERS, GapHead, estimate
 from screener.predict import predict
-from screener.train import held_out_ids
+from screener.training.dataset import read_training_set
+from screener.training.gap_set import read_gap_set
+from screener.training.metrics import expected_calibration_error
+from screener.training.train import held_out_ids
 from screener.window import p_in_window, shortlisted
 
 # The window the default P(in window) threshold is chosen for: the acceptance window of the
@@ -53,7 +53,7 @@ class KnownGaps:
 
 
 def fit(model_path: str | Path, data_path: str | Path, gaps_path: str | Path,
-        out_path: str | Path, hold_out: Sequence[str | Path] = (), members: int = MEMBERS,
+        out_path: str | Path, *, hold_out: Sequence[str | Path] = (), members: int = MEMBERS,
         seed: int = 0, batch_size: int = 64) -> dict:
     """Write `out_path`: the model at `model_path` with a fitted, calibrated gap head and its
     applicability domain; returns the validation metrics stored in its meta."""

@@ -1,6 +1,6 @@
 """Check the top of a shortlist with DFT, the ALIGNN-DOS workflow: screen by ML, confirm by GPAW.
 
-The chosen structures are labelled by screener.label into `<results>/verify.h5`, a training set
+The chosen structures are labelled by screener.dft.label into `<results>/verify.h5`, a training set
 for `screen train`; its parts folder keeps every finished structure, so a rerun, or one with
 another N or window, computes only structures it has not seen. `<results>/verify.csv` compares
 each predicted gap with the DFT gap; having id and source columns, it is also a shortlist that
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from screener import store
-from screener.dft import Settings
-from screener.label import (
+from screener.dft.gpaw import Settings
+from screener.dft.label import (
     TIMEOUT,
     LabelSummary,
     label_inputs,
@@ -24,6 +23,8 @@ from screener.label import (
     read_part,
     shortlist_sources,
 )
+from screener.results.query import query
+from screener.results.tables import write_csv
 
 LABELS = "verify.h5"
 TABLE = "verify.csv"
@@ -64,16 +65,16 @@ def rank(gaps: np.ndarray, ids: np.ndarray, window: tuple[float, float],
 
 
 def verify(results_dir: str | Path, window: tuple[float, float], n: int,
-           settings: Settings | None = None, address: str | None = None,
+           settings: Settings | None = None, *, address: str | None = None,
            timeout: float = TIMEOUT, progress: bool = True) -> Verification:
     """DFT-label the top `n` structures of the window's shortlist; write verify.h5, verify.csv."""
     results_dir = Path(results_dir)
-    shortlist = store.query(results_dir, bandgap=window, sort=None)
+    shortlist = query(results_dir, bandgap=window, sort=None)
     top = rank(shortlist["band_gap"], shortlist["ids"], window, shortlist["p_in_window"])[:n]
     ids, sources = shortlist["ids"][top], shortlist["source"][top]
     labels = results_dir / LABELS
     labelling = label_inputs(load_inputs(shortlist_sources(ids, sources)), labels, settings,
-                             address, timeout=timeout, progress=progress)
+                             address=address, timeout=timeout, progress=progress)
     done = [read_part(parts_dir(labels), str(i)) for i in ids]
     dft_gap = np.array([p["gap"] if p["status"] == "ok" else np.nan for p in done], dtype=float)
     lo, hi = window
@@ -81,5 +82,5 @@ def verify(results_dir: str | Path, window: tuple[float, float], n: int,
             "predicted_gap": shortlist["band_gap"][top], "dft_gap": dft_gap,
             "confirmed": (dft_gap >= lo) & (dft_gap <= hi),
             "reason": np.array([p.get("reason", "") for p in done], dtype=str)}
-    store.write_csv(rows, results_dir / TABLE)
+    write_csv(rows, results_dir / TABLE)
     return Verification(rows, labelling)

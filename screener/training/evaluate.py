@@ -17,21 +17,21 @@ from jarvis.core.specie import atomic_numbers_to_symbols
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from screener import metrics
-from screener.dataset import (
+from screener.dos import ENERGY_GRID, GAP_THRESHOLD, METAL_BELOW_EV, band_gap
+from screener.io import Structure
+from screener.io.files import file_sha256
+from screener.model.checkpoint import load_checkpoint
+from screener.plots import draw_dos
+from screener.predict import predict, predict_dos, prediction_columns
+from screener.training import metrics
+from screener.training.dataset import (
     SPLIT_METHOD,
     TrainingSet,
     read_set_graphs,
     read_structures,
     read_training_set,
 )
-from screener.dos import ENERGY_GRID, GAP_THRESHOLD, band_gap
-from screener.gap_set import read_gap_set
-from screener.model.checkpoint import load_checkpoint
-from screener.plots import draw_dos
-from screener.predict import predict, predict_dos, prediction_columns
-from screener.store import file_sha256
-from screener.structures import Structure
+from screener.training.gap_set import read_gap_set
 from screener.window import p_in_window
 
 SPLITS = ("train", "val", "test", "all")
@@ -50,7 +50,7 @@ FIGURES = {
 CALIBRATION_WINDOW = (1.0, 2.0)
 
 
-def evaluate(model_path: str | Path, data_path: str | Path, split: str = "test",
+def evaluate(model_path: str | Path, data_path: str | Path, *, split: str = "test",
              out_dir: str | Path = "report", batch_size: int = 64, device: str = "cpu",
              gap_file: str | Path | None = None) -> dict:
     """Predict one split, score it and write figures, metrics.json and index.html to `out_dir`.
@@ -129,7 +129,7 @@ def learned_gap_report(model, prediction, ref_gap: np.ndarray) -> dict | None:
     lo, hi = CALIBRATION_WINDOW
     p_window = p_in_window(p_metal, columns["band_gap_mean"][known],
                            columns["band_gap_std"][known], lo, hi)
-    metal, inside = ref < metrics.METAL_BELOW_EV, (ref >= lo) & (ref <= hi)
+    metal, inside = ref < METAL_BELOW_EV, (ref >= lo) & (ref <= hi)
     return {**metrics.gap_metrics(columns["band_gap"], ref_gap),
             "window": list(CALIBRATION_WINDOW),
             "ece_p_metal": metrics.expected_calibration_error(p_metal, metal),

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from screener.dataset import JARVIS_GAP_KEY, SPLIT_SEED, reference_gap_value, split_by_id
-from screener.dft import GAP_ZERO_OFFSET
+from screener.dft.gpaw import GAP_ZERO_OFFSET
 from screener.dos import E_STEP, ENERGY_GRID, GAP_THRESHOLD, N_BINS, band_gap
 from screener.graphs import build_graphs
-from screener.structures import Structure, load, read_records, record_sources
+from screener.io import Structure, load, read_records, record_sources
+from screener.io.records import reference_gap
+from screener.training.dataset import SPLIT_SEED, split_by_id
 
 # Kept free of the bound at each band edge: the GPAW labels' gaps differ from JARVIS
 # optB88vdW by 0.17 eV on average (check-labels), and their 0.1 eV broadening reaches in.
@@ -85,7 +86,7 @@ def read_gap_set(path: str | Path, exclude: Iterable[str] = (), seed: int = SPLI
     for source, record in zip(record_sources(path, records), records, strict=True):
         if source.id in skip or not isinstance(record, dict):
             continue
-        gap = reference_gap_value(record.get(JARVIS_GAP_KEY))
+        gap = reference_gap(record)
         bounds = dos_bounds(gap) if np.isfinite(gap) else None
         structure = load(source) if bounds is not None else None
         if isinstance(structure, Structure):

@@ -1,0 +1,1 @@
+"""DFT: GPAW calculations, labelling structures with them, and checking labels and shortlists."""
