@@ -464,18 +464,21 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Wall-time limit per structure, seconds.")
 @click.option("--limit", type=int, help="Only the first N structures after ordering.")
-@click.option("--order", type=click.Choice(["input", "small-first", "gap-balanced"]),
+@click.option("--order", type=click.Choice(["input", "small-first", "gap-balanced", "uncertainty"]),
               default="input", show_default=True,
               help="small-first: each element's smallest structure, then fewest atoms first; "
                    "gap-balanced: the same, alternating JARVIS-gapped and other structures "
-                   "after the elements' first.")
+                   "after the elements' first; uncertainty: where --model's gap ensemble "
+                   "disagrees most, the rarest elements first among near-ties.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False),
+              help="Model with a gap head, for --order uncertainty.")
 @click.option("--kpt-density", type=float, default=2.5, show_default=True,
               help="k-points per reciprocal Angstrom (ASE density).")
 @click.option("--retry-failed", is_flag=True,
               help="Calculate failed structures again (a lost Ray task is always tried again).")
 @click.option("--export-only", is_flag=True, help="Only write --out from the finished parts.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def label_command(structures, out, address, workers, timeout, limit, order, kpt_density,
+def label_command(structures, out, address, workers, timeout, limit, order, model, kpt_density,
                   retry_failed, export_only, quiet):
     """DFT-label structures with GPAW (PBE, LCAO dzp): DOS, gap, energy -> training set."""
     from screener.dft import label
@@ -492,7 +495,8 @@ def label_command(structures, out, address, workers, timeout, limit, order, kpt_
     try:
         summary = label.label(structures, out, label.Settings(kpt_density=kpt_density),
                               address=address, workers=workers, timeout=timeout, limit=limit,
-                              order=order, retry_failed=retry_failed, progress=not quiet)
+                              order=order, retry_failed=retry_failed, progress=not quiet,
+                              model=model)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"{summary.n_selected} selected: {summary.n_already} already done, "

@@ -15,7 +15,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib.util import find_spec
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from screener.dft import acquire
 from screener.dft.gpaw import Settings, calculate_with_timeout, missing_basis, provenance
 from screener.errors import ScreenerError
 from screener.io import Failure, Source, Structure, discover, load, read_records
@@ -36,7 +37,7 @@ from screener.training.dataset import (
     write_training_set,
 )
 
-ORDERS = ("input", "small-first", "gap-balanced")
+ORDERS = ("input", "small-first", "gap-balanced", "uncertainty")
 GAPPED_ABOVE = 0.1
 STAGE = "label"
 LOST = "Ray task lost"  # the worker or node died: not the structure's fault, so tried again
@@ -76,10 +77,12 @@ def parts_dir(out: str | Path) -> Path:
 def label(structures: str | Path, out: str | Path, settings: Settings | None = None, *,
           address: str | None = None, workers: int | None = None, timeout: float = TIMEOUT,
           limit: int | None = None, order: str = "input", retry_failed: bool = False,
-          progress: bool = True) -> LabelSummary:
-    """Label the inputs found at `structures` (see read_inputs), in `order`, the first `limit`."""
-    return label_inputs(select(read_inputs(structures), order, limit), out, settings,
-                        address=address, workers=workers, timeout=timeout,
+          progress: bool = True, model: str | Path | None = None) -> LabelSummary:
+    """Label the inputs found at `structures` (see read_inputs), in `order`, the first `limit`;
+    order "uncertainty" asks `model` (screener.dft.acquire)."""
+    labelled = labelled_numbers(out) if order == "uncertainty" else []
+    return label_inputs(select(read_inputs(structures), order, limit, model, labelled), out,
+                        settings, address=address, workers=workers, timeout=timeout,
                         retry_failed=retry_failed, progress=progress)
 
 
@@ -201,18 +204,44 @@ def _records(file: str) -> list:
     return read_records(file)
 
 
-def select(items: list[tuple[Structure | Failure, float]], order: str,
-           limit: int | None) -> list[tuple[Structure | Failure, float]]:
-    """Put the inputs in `order` and keep the first `limit`; failures first, they cost nothing."""
+def select(items: list[tuple[Structure | Failure, float]], order: str, limit: int | None,
+           model: str | Path | None = None, labelled: Sequence[np.ndarray] = ()
+           ) -> list[tuple[Structure | Failure, float]]:
+    """Put the inputs in `order` and keep the first `limit`; failures first, they cost nothing.
+    "uncertainty" needs `model`, and breaks its ties by the elements of `labelled`."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+    if (order == "uncertainty") != (model is not None):
+        raise ValueError("a model is needed for, and only for, --order uncertainty")
     failed = [item for item in items if isinstance(item[0], Failure)]
     good = [item for item in items if not isinstance(item[0], Failure)]
     if order == "small-first":
         good = small_first(good)
     elif order == "gap-balanced":
         good = gap_balanced(good)
+    elif order == "uncertainty":
+        good = uncertainty_first(good, model, labelled)
     return (failed + good)[:limit]
+
+
+def uncertainty_first(items: list[tuple[Structure, float]], model: str | Path,
+                      labelled: Sequence[np.ndarray]) -> list[tuple[Structure, float]]:
+    """Where the model's gap ensemble disagrees most first (screener.acquire)."""
+    structures = [item for item, _ in items]
+    scores = acquire.ensemble_disagreement(model, structures)
+    order = acquire.uncertainty_order(scores, [s.numbers for s in structures],
+                                      acquire.element_counts(labelled))
+    return [items[i] for i in order]
+
+
+def labelled_numbers(out: str | Path) -> list[np.ndarray]:
+    """Atomic numbers of each structure labelled into `out` so far (its parts, else the file)."""
+    found = [p for p in read_parts(parts_dir(out)) if p["status"] == "ok"]
+    if found:
+        return [np.asarray(p["numbers"]) for p in found]
+    if Path(out).exists():
+        return [s.numbers for s in read_structures(out)]
+    return []
 
 
 def small_first(items: list[tuple[Structure, float]]) -> list[tuple[Structure, float]]:
