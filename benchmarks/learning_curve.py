@@ -20,17 +20,11 @@ import argparse
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from screener.model import checkpoint_info
 from screener.training import train
-from screener.training.dataset import (
-    SPLIT_METHOD,
-    read_structures,
-    read_training_set,
-    write_training_set,
-)
+from screener.training.dataset import read_training_set, write_subset
 from screener.training.evaluate import evaluate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -42,23 +36,13 @@ RECIPE = ("arch", "latent", "batch_size", "lr", "epochs", "patience", "loss", "a
 def subset_file(data: Path, fraction: float, out: Path) -> tuple[Path, int]:
     """`data` with the first `fraction` of its training rows (in a seeded order), all of
     validation and test; and how many training rows it holds."""
-    ts = read_training_set(data, graphs=False)
-    if ts.attrs["split_method"] != SPLIT_METHOD:
-        raise SystemExit(f"{data} is split by {ts.attrs['split_method']}: a subset would get "
-                         "other validation and test structures; export it again")
+    split = read_training_set(data, graphs=False).split
     if fraction == 1:
-        return data, ts.split["train"].size
-    train_rows = np.random.default_rng(0).permutation(ts.split["train"])
+        return data, split["train"].size
+    train_rows = np.random.default_rng(0).permutation(split["train"])
     n_train = round(fraction * train_rows.size)
-    keep = np.sort(np.concatenate([train_rows[:n_train], ts.split["val"], ts.split["test"]]))
-    with h5py.File(data, "r") as f:
-        provenance = json.loads(f.attrs["provenance"])
     path = out / f"subset_{fraction:g}.h5"
-    structures = read_structures(data)
-    write_training_set(path, [structures[i] for i in keep], ts.dos[keep], ts.ref_gap[keep],
-                       {**provenance, "subset_of": str(data), "train_fraction": fraction},
-                       extra={name: values[keep] for name, values in ts.extra.items()},
-                       seed=int(ts.attrs["split_seed"]))
+    write_subset(data, train_rows[:n_train], path, {"train_fraction": fraction})
     return path, n_train
 
 

@@ -24,6 +24,7 @@ from screener.training.dataset import (
     read_training_set,
     skipped_summary,
     split_by_id,
+    write_subset,
     write_training_set,
 )
 
@@ -190,6 +191,18 @@ def test_layout_matches_schema(written, sample):
             else:
                 assert dataset.dtype == np.dtype(spec["dtype"]), name
         assert set(SCHEMA["groups"]) <= set(f)
+
+
+def test_a_subset_keeps_the_chosen_training_rows_and_all_of_validation_and_test(written, tmp_path):
+    full = read_training_set(written, graphs=False)
+    chosen = full.split["train"][:2]
+    write_subset(written, chosen, tmp_path / "sub.h5", {"why": "test"})
+    sub = read_training_set(tmp_path / "sub.h5", graphs=False)
+    for name in ("val", "test"):
+        assert sorted(sub.ids[sub.split[name]]) == sorted(full.ids[full.split[name]])
+    assert sorted(sub.ids[sub.split["train"]]) == sorted(full.ids[chosen])
+    with pytest.raises(ValueError, match="training split"):
+        write_subset(written, full.split["val"][:1], tmp_path / "bad.h5", {})
 
 
 def test_foreign_files_are_refused(written, tmp_path):

@@ -97,6 +97,16 @@ def test_fit_calibrates_and_saves_a_working_head(tmp_path, small_set):
                                                   data.graphs[:20]).dos)
 
 
+def test_without_a_gap_set_the_head_learns_from_the_labelled_gaps_alone(tmp_path, small_set):
+    labels, _, _ = small_set
+    torch.manual_seed(0)
+    backbone = tmp_path / "backbone.pt"
+    save_checkpoint(backbone, build_model("d-alignn", TINY), {"model_id": "tiny"})
+    report = gap_fit.fit(backbone, labels, None, tmp_path / "head.pt", members=2)
+    split = read_training_set(labels, graphs=False).split
+    assert (report["n_train"], report["n_val"]) == (split["train"].size, split["val"].size)
+
+
 @pytest.mark.slow
 def test_screen_ranks_the_shortlist_by_probability(tmp_path, shared_data, ray_local):
     torch.manual_seed(1)

@@ -188,6 +188,29 @@ def _write_structures(group: h5py.Group, structures: list[Structure]) -> None:
     create_dataset(group, "atom_offsets", np.concatenate([[0], np.cumsum(sizes)]), {})
 
 
+def write_subset(data: str | Path, train_rows: np.ndarray, path: str | Path, note: dict) -> None:
+    """`data` with only `train_rows` of its training split and all of validation and test.
+
+    Splits follow ids, so the subset's validation and test structures are the full set's, and
+    models trained on different subsets are scored on the same structures. `note` joins the
+    provenance, saying how the rows were chosen.
+    """
+    ts = read_training_set(data, graphs=False)
+    if ts.attrs["split_method"] != SPLIT_METHOD:
+        raise ValueError(f"{data} is split by {ts.attrs['split_method']}: a subset would get "
+                         "other validation and test structures; export it again")
+    if not np.isin(train_rows, ts.split["train"]).all():
+        raise ValueError("a subset keeps training rows only from the training split")
+    keep = np.sort(np.concatenate([train_rows, ts.split["val"], ts.split["test"]]))
+    with _open(data) as f:
+        provenance = json.loads(f.attrs["provenance"])
+    structures = read_structures(data)
+    write_training_set(path, [structures[i] for i in keep], ts.dos[keep], ts.ref_gap[keep],
+                       {**provenance, "subset_of": str(data), **note},
+                       extra={name: values[keep] for name, values in ts.extra.items()},
+                       seed=int(ts.attrs["split_seed"]))
+
+
 def read_training_set(path: str | Path, graphs: bool = True) -> TrainingSet:
     """The whole set; `graphs=False` skips the large graph arrays (see `read_set_graphs`)."""
     with _open(path) as f:

@@ -23,7 +23,7 @@ from screener.model.domain import training_domain
 from screener.model.gap_head import MEMBERS, GapHead, estimate
 from screener.predict import predict
 from screener.training.dataset import read_training_set
-from screener.training.gap_set import read_gap_set
+from screener.training.gap_set import GapSet, read_gap_set
 from screener.training.metrics import expected_calibration_error
 from screener.training.train import held_out_ids
 from screener.window import p_in_window, shortlisted
@@ -52,7 +52,7 @@ class KnownGaps:
     numbers: list[np.ndarray]
 
 
-def fit(model_path: str | Path, data_path: str | Path, gaps_path: str | Path,
+def fit(model_path: str | Path, data_path: str | Path, gaps_path: str | Path | None,
         out_path: str | Path, *, hold_out: Sequence[str | Path] = (), members: int = MEMBERS,
         seed: int = 0, batch_size: int = 64) -> dict:
     """Write `out_path`: the model at `model_path` with a fitted, calibrated gap head and its
@@ -78,7 +78,8 @@ def known_gaps(model, data_path, gaps_path, hold_out: list[str], batch_size: int
     """Head inputs from the frozen model for the labelled and gap-set structures with a gap."""
     data = read_training_set(data_path)
     own = np.where(np.isfinite(data.ref_gap), data.ref_gap, data.extra["gpaw_gap"])
-    gap_set = read_gap_set(gaps_path, exclude=[*data.ids.astype(str), *hold_out])
+    gap_set = (GapSet.empty() if gaps_path is None
+               else read_gap_set(gaps_path, exclude=[*data.ids.astype(str), *hold_out]))
     held = np.isin(data.ids.astype(str), hold_out)
     graphs = data.graphs + gap_set.graphs
     gaps = np.concatenate([own, gap_set.gaps]).astype(np.float64)

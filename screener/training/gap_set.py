@@ -43,6 +43,12 @@ class GapSet:
     bounds: np.ndarray
     split: dict[str, np.ndarray]
 
+    @classmethod
+    def empty(cls) -> GapSet:
+        """No structures: for fits on the labelled set's own gaps alone."""
+        return cls([], [], np.empty(0), np.empty((0, 2, N_BINS)),
+                   {name: np.empty(0, np.int64) for name in ("train", "val", "test")})
+
 
 def dos_bounds(gap: float) -> np.ndarray | None:
     """(2, 300) lower and upper bound per bin a spectrum with this gap keeps to; None when the
