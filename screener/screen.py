@@ -56,7 +56,7 @@ def screen(opts: pipeline.RunOptions, *, bandgap: tuple[float, float] | None = N
     if verify_top is not None:
         _check_verify(bandgap)
     out_dir = opts.out_dir
-    with progress_printer(disable=not progress) as on_progress:
+    with progress_printer(opts.structures, disable=not progress) as on_progress:
         run = pipeline.run(opts, on_progress)
     failures = read_failures(out_dir)
     outside = int(np.sum(~read_predictions(out_dir, ["in_domain"])["in_domain"]))

@@ -3,6 +3,7 @@ these tests keep each literal equal to the default it stands for. And every argu
 before any work: one line and exit 2 for a bad one."""
 import dataclasses
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,20 @@ def test_a_second_run_into_a_folder_being_written_is_refused(results, shared_dat
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.slow
+def test_progress_bars_show_a_total_and_ray_start_up_notices_stay_out(shared_data, tiny_model,
+                                                                      tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in sorted(p.name for p in (shared_data / "poscar").iterdir())[:6]:
+        (inputs / name).write_bytes((shared_data / "poscar" / name).read_bytes())
+    done = subprocess.run([sys.executable, "-m", "screener.cli", "run", "--structures",
+                           str(inputs), "--model", str(tiny_model), "-o", str(tmp_path / "r")],
+                          check=False, env=repo_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    for stage in ("graphs", "predict"):
+        assert re.search(rf"{stage}: 100%\|.*\| 6/6 \[\d\d:\d\d<00:00", done.stderr), done.stderr
+    assert "Started a local Ray" not in done.stderr and "authentication" not in done.stderr
