@@ -167,6 +167,26 @@ def test_two_worker_ddp_from_the_cli(ray_local, data_path, shared_data, tmp_path
     assert type(model) is type(build_model("d-alignn", TINY))
     assert all(np.isfinite(row["val_gap_excess"]) for row in metrics["history"])
     assert "JVASP-107" in meta["gap_set"]["exclude"] and meta["gap_set"]["weight"] == training.GAP_WEIGHT
+    assert not any(absolute_paths(meta)), list(absolute_paths(meta))
+    assert (Path.cwd() / meta["gap_set"]["path"]).resolve() == (tmp_path / "gaps.json").resolve()
+
+
+def absolute_paths(value):
+    """Every string in a checkpoint's meta that names an absolute path."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from absolute_paths(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from absolute_paths(v)
+    elif isinstance(value, str) and value.startswith("/"):
+        yield value
+
+
+@pytest.mark.parametrize("name", ["default_model.pt", "ae_model.pt"])
+def test_shipped_checkpoints_name_no_absolute_path(name):
+    _, meta = load_checkpoint(Path(__file__).parents[1] / "screener" / "data" / name)
+    assert not any(absolute_paths(meta)), list(absolute_paths(meta))
 
 
 @pytest.mark.slow

@@ -56,6 +56,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def portable_path(path: str | Path) -> str:
+    """`path` relative to the working directory, as a record of where an input lay: a
+    checkpoint that stored absolute paths would name them only on the machine it was made on,
+    while a relative one holds on any clone used from the same folder (the sha256 beside it
+    says whether the file found there is the same)."""
+    return Path(os.path.relpath(Path(path).resolve())).as_posix()
+
+
 def tmp_path(path: Path) -> Path:
     """Where `path` is written before it replaces the file: beside it, so the rename is atomic."""
     return path.with_name(path.name + ".tmp")

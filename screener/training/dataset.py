@@ -26,7 +26,7 @@ from screener.dos import N_BINS, normalize, to_grid, valence_electrons
 from screener.errors import ScreenerError
 from screener.graphs import build_graph
 from screener.io import Failure, Source, Structure, load, read_records
-from screener.io.files import atomic_path, file_sha256
+from screener.io.files import atomic_path, file_sha256, portable_path
 from screener.io.records import (
     JARVIS_GAP_KEY,
     record_id,
@@ -363,7 +363,7 @@ def from_json(path: str | Path, level_of_theory: str = "unknown") -> Labelled:
     """A JSON (.json or .json.gz) list of JARVIS-form records carrying `edos_up`."""
     path = Path(path)
     records = _read_records(path)
-    provenance = {"source": str(path), "sha256": file_sha256(path),
+    provenance = {"source": portable_path(path), "sha256": file_sha256(path),
                   "level_of_theory": level_of_theory, "dos": "edos_up as given"}
     return from_records(records, str(path), provenance)
 
@@ -428,7 +428,7 @@ def from_vasprun(path: str | Path) -> Labelled:
         structures.append(structure)
         rows.append(row)
         gaps.append(gap)
-    provenance = {"source": str(root), "level_of_theory": ", ".join(sorted(theories)) or "unknown",
+    provenance = {"source": portable_path(root), "level_of_theory": ", ".join(sorted(theories)) or "unknown",
                   "dos": "VASP total DOS (both spins) on the grid, per valence electron",
                   "ref_gap": "VASP indirect eigenvalue gap of the same run, 0 for metals"}
     return Labelled(structures, _rows(rows), np.array(gaps, dtype=np.float32), provenance, skipped)

@@ -26,7 +26,7 @@ from screener.cluster import connect
 from screener.errors import ScreenerError
 from screener.graphs import collate
 from screener.io import discover
-from screener.io.files import file_sha256
+from screener.io.files import file_sha256, portable_path
 from screener.model import load_checkpoint, save_checkpoint, to_tensors
 from screener.training.config import RESUME_KEYS, TrainConfig, gap_settings
 from screener.training.dataset import SPLIT_METHOD, SPLIT_SEED, read_training_set
@@ -359,11 +359,12 @@ def finish(checkpoint: Path, cfg: TrainConfig, out: Path) -> dict:
                                                        weights_only=True)["val_mae"]
     created = datetime.now(timezone.utc)
     meta = {"model_id": f"{cfg.arch}-{cfg.data_hash[:8]}-{created:%Y%m%dT%H%M%S}",
-            "created": created.isoformat(timespec="seconds"), "data": cfg.data,
+            "created": created.isoformat(timespec="seconds"), "data": portable_path(cfg.data),
             "data_hash": cfg.data_hash, "data_provenance": data.attrs,
             "split": {name: rows.tolist() for name, rows in data.split.items()},
-            "training": {key: getattr(cfg, key) for key in (*RESUME_KEYS, "patience", "amp", "gaps")
-                         if key != "gap_exclude"},
+            "training": {**{key: getattr(cfg, key) for key in (*RESUME_KEYS, "patience", "amp")
+                            if key != "gap_exclude"},
+                         "gaps": cfg.gaps and portable_path(cfg.gaps)},
             "gap_set": gap_meta(cfg),
             "metrics": metrics, "history": state["history"]}
     save_checkpoint(out / "model.pt", model, meta)
@@ -375,7 +376,7 @@ def gap_meta(cfg: TrainConfig) -> dict | None:
     """How to rebuild the gap set and its split, which `screen evaluate` scores."""
     if not cfg.gaps:
         return None
-    return {"path": cfg.gaps, "hash": cfg.gaps_hash, "seed": SPLIT_SEED,
+    return {"path": portable_path(cfg.gaps), "hash": cfg.gaps_hash, "seed": SPLIT_SEED,
             "split": SPLIT_METHOD, "exclude": cfg.gap_exclude, "weight": cfg.gap_weight}
 
 
