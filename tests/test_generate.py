@@ -264,3 +264,13 @@ def test_relaxations_on_ray_workers(tmp_path, jarvis, ray_local):
     for jid, record in ray_kept.items():
         assert np.allclose(record["atoms"]["lattice_mat"], here_kept[jid]["atoms"]["lattice_mat"],
                            atol=1e-6)
+
+
+def test_cli_defaults_are_the_library_defaults():
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(gen.generate).parameters.items()
+                if isinstance(p.default, (int, float))}
+    given = {p.name: p.default for p in main.commands["generate"].params if p.name in defaults}
+    assert given.keys() == {"max_atoms", "threshold", "seed", "workers"}
+    assert given == {name: defaults[name] for name in given}
