@@ -1,5 +1,6 @@
 """`screen generate` on real JARVIS prototypes: Hautier substitution, CHGNet relaxation, the
-rejection rules, exclusion of known compositions, resume, and records the screen can read."""
+rejection rules, exclusion of known compositions, resume, and records that `screen run` and
+`screen label` read."""
 import dataclasses
 import gzip
 import json
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from screener import generate as gen
 from screener.cli import main
 from screener.graphs import build_graph
+from screener.label import read_inputs
 from screener.relax import (
     CONTACT,
     FAILED,
@@ -216,6 +218,9 @@ def test_generate_writes_readable_records_and_resumes(tmp_path, jarvis, shared_d
     structures = [load(s) for s in discover(out)]
     assert all(isinstance(s, Structure) for s in structures)
     assert {s.id for s in structures} == {r["jid"] for r in kept}
+    to_label = read_inputs(out)
+    assert [item.id for item, _ in to_label] == [s.id for s in structures]
+    assert all(isinstance(item, Structure) and np.isnan(gap) for item, gap in to_label)
     graph = build_graph(structures[0].lattice, structures[0].positions, structures[0].numbers)
     assert graph["neighbors"].shape == (structures[0].n_atoms * 16,)
 
