@@ -523,6 +523,52 @@ def check_labels_command(labels, out_dir, edos):
     click.echo(f"wrote {Path(out_dir) / REPORT} and {len(report['figures'])} figure(s)")
 
 
+@main.command("generate")
+@click.option("--parents", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="JARVIS-form json(.gz) with optb88vdw_bandgap: its gapped cells are the "
+                   "prototypes, and none of its compositions is made again.")
+@click.option("--exclude", multiple=True, type=click.Path(exists=True),
+              help="Known structures (folder, file or JARVIS json) whose compositions are not "
+                   "made either (repeatable).")
+@click.option("-o", "--out", required=True, callback=new_file,
+              help="Candidates to write (.json.gz); rejections go to <out>.rejected.csv. An "
+                   "existing file is resumed, not redone.")
+@click.option("--max-atoms", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Largest parent cell.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=1e-3,
+              show_default=True, help="Lowest substitution probability (Hautier et al.).")
+@click.option("--limit", type=click.IntRange(min=0), help="Relax only the first N candidates.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the order.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Relaxations at once: 1 runs in this process, more as Ray tasks.")
+@click.option("--address", help="Ray cluster address; relaxes on Ray even with one worker.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def generate_command(parents, exclude, out, max_atoms, threshold, limit, seed, workers,
+                     address, quiet):
+    """Hypothetical compounds: charge-balanced substitution into gapped parents, CHGNet-relaxed."""
+    from screener import generate
+
+    s = generate.generate(parents, out, exclude, max_atoms, threshold, limit, seed,
+                          workers=workers, address=address, progress=not quiet)
+    e = s.enumeration
+    click.echo(f"parents: {s.n_gapped} gapped (> {generate.GAPPED_ABOVE} eV) with <= "
+               f"{max_atoms} atoms, {s.n_parents} with oxidation states in the table")
+    click.echo(f"substitutions with P >= {threshold:g}: {len(e.candidates)} candidates; dropped "
+               f"{e.n_unbalanced} not charge-balanced, {e.n_known} of a known composition, "
+               f"{e.n_duplicates} duplicates")
+    reasons = ", ".join(f"{n} {reason}" for reason, n in s.rejected.most_common())
+    click.echo(f"{s.n_selected} selected, {s.n_already} already done; relaxed {s.n_relaxed}: "
+               f"kept {s.n_kept}, rejected {sum(s.rejected.values())}"
+               f"{f' ({reasons})' if reasons else ''}"
+               f"{f', {s.n_lost} lost by Ray (tried again next run)' if s.n_lost else ''}")
+    if s.n_relaxed:
+        click.echo(f"{generate.throughput(s):.3f} candidates per core-second of relaxation; "
+                   f"{s.n_relaxed / (s.seconds * s.workers):.3f} per core-second of the "
+                   f"{s.seconds:.0f} s run on {s.workers} worker(s)")
+    click.echo(f"{out}: {s.n_pool} candidates, {len(s.elements)} elements; rejections in "
+               f"{generate.rejected_path(out)}")
+
+
 # -- end of commands --
 
 
