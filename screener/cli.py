@@ -546,7 +546,7 @@ def check_labels_command(labels, out_dir, edos):
 def generate_command(parents, exclude, out, max_atoms, threshold, limit, seed, workers,
                      address, quiet):
     """Hypothetical compounds: charge-balanced substitution into gapped parents, CHGNet-relaxed."""
-    from screener import generate
+    from screener.pool import generate
 
     s = generate.generate(parents, out, exclude, max_atoms, threshold, limit, seed,
                           workers=workers, address=address, progress=not quiet)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from screener import generate as gen
 from screener.cli import main
+from screener.dft.label import read_inputs
 from screener.graphs import build_graph
-from screener.label import read_inputs
-from screener.relax import (
+from screener.io import Structure, discover, load, read_records, record_sources
+from screener.pool import generate as gen
+from screener.pool.relax import (
     CONTACT,
     FAILED,
     NOT_CONVERGED,
@@ -25,8 +26,7 @@ from screener.relax import (
     judge,
     relax,
 )
-from screener.structures import Structure, discover, load, read_records, record_sources
-from screener.substitution import (
+from screener.pool.substitution import (
     candidate_id,
     charge,
     enumerate_candidates,
@@ -59,7 +59,7 @@ def parents(jarvis) -> dict:
 @pytest.fixture(scope="module")
 def offline_chgnet():
     """CHGNet loaded with every network connection refused: its weights ship in the wheel."""
-    from screener import relax as relax_module
+    from screener.pool import relax as relax_module
 
     def refuse(*_args, **_kwargs):
         raise OSError("network access during a test")

@@ -6,7 +6,7 @@ sites and swaps each species of the parent, P(new | old) = exp(lambda(new, old))
 the pymatgen conditional normalized over the new species, so a map's probability (the product
 over the parent's species, unchanged ones included) is the chance that the parent's chemistry
 turns into the candidate's. The cell is scaled by the ions' sizes so that a relaxation starts
-near its volume. Nothing here relaxes anything (screener.relax does).
+near its volume. Nothing here relaxes anything (screener.pool.relax does).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from screener.structures import Structure
+from screener.io import Structure
 
 DEFAULT_THRESHOLD = 1e-3  # pymatgen's SubstitutionPredictor default
 # Elements a candidate may hold: those with a stable isotope, except noble gases; a pool meant

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from screener.structures import MIN_DISTANCE
-from screener.substitution import Candidate, pymatgen_structure
+from screener.io.structure import MIN_DISTANCE
+from screener.pool.substitution import Candidate, pymatgen_structure
 
 FAILED = "relaxation failed"
 NOT_CONVERGED = "not converged"

@@ -1,7 +1,8 @@
 """`screen generate`: a pool of hypothetical, likely-gapped crystals as JARVIS-form records.
 
-Parents are the gapped small cells of a JARVIS record file; screener.substitution turns them
-into charge-balanced candidates of new compositions, screener.relax relaxes and judges each.
+Parents are the gapped small cells of a JARVIS record file; screener.pool.substitution turns
+them into charge-balanced candidates of new compositions, screener.pool.relax relaxes and
+judges each.
 Kept candidates go to `out` (json or json.gz, the form `screen run` and `screen label` read),
 rejected ones with their reason to `<out>.rejected.csv`. Both files are rewritten atomically
 every minute and at the end, so a killed run loses at most a minute of work, and a rerun skips
@@ -24,11 +25,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from screener.dataset import JARVIS_GAP_KEY, reference_gap_value
-from screener.label import GAPPED_ABOVE
-from screener.relax import Limits, Relaxed, relax, versions
-from screener.structures import Failure, Source, discover, load, read_records, record_sources
-from screener.substitution import (
+from screener.dft.label import GAPPED_ABOVE
+from screener.io import Failure, Source, discover, load, read_records, record_sources
+from screener.io.records import reference_gap
+from screener.pool.relax import Limits, Relaxed, relax, versions
+from screener.pool.substitution import (
     DEFAULT_THRESHOLD,
     Candidate,
     Enumeration,
@@ -127,7 +128,7 @@ def select_parents(path: str | Path, records: list, max_atoms: int) -> tuple[int
     n_gapped, parents = 0, []
     for source, record in zip(record_sources(path, records), records):
         fields = record if isinstance(record, dict) else {}
-        gap = reference_gap_value(fields.get(JARVIS_GAP_KEY))
+        gap = reference_gap(fields)
         if not gap > GAPPED_ABOVE or len(source.record.get("elements") or ()) > max_atoms:
             continue
         structure = load(source)
@@ -177,7 +178,7 @@ def _outcomes(todo: list[Candidate], limits: Limits, workers: int, address: str 
         return
     import ray
 
-    from screener.pipeline import connect
+    from screener.cluster import connect
 
     connect(address)
     task = ray.remote(num_cpus=1, max_retries=0)(relax)
