@@ -189,7 +189,12 @@ def _write_structures(group: h5py.Group, structures: list[Structure]) -> None:
 
 
 def read_training_set(path: str | Path, graphs: bool = True) -> TrainingSet:
-    """The whole set; `graphs=False` skips the large graph arrays (see `read_set_graphs`)."""
+    """The whole set, from a file or a label folder (screener.label_store); `graphs=False`
+    skips the large graph arrays (see `read_set_graphs`)."""
+    if Path(path).is_dir():
+        from screener import label_store  # it builds on this module
+
+        return label_store.read_label_set(path, graphs)
     with _open(path) as f:
         split = f["split"]
         return TrainingSet(
@@ -211,22 +216,45 @@ def read_set_graphs(path: str | Path, indices: np.ndarray) -> list[dict]:
 
     Copies, since read_graphs returns views into the whole span it read.
     """
+    if Path(path).is_dir():
+        from screener import label_store
+
+        return label_store.read_label_graphs(path, indices)
     with _open(path) as f:
         graphs = read_graphs(f["graphs"], np.asarray(indices))
     return [{name: array.copy() for name, array in g.items()} for g in graphs]
 
 
 def read_structures(path: str | Path) -> list[Structure]:
-    """The stored cells as Structures, in file order."""
+    """The stored cells as Structures, in row order."""
+    if Path(path).is_dir():
+        from screener import label_store
+
+        return label_store.read_label_structures(path)
     with _open(path) as f:
-        group = f["structures"]
-        ids = f["ids"].asstr()[()]
-        offsets = group["atom_offsets"][()]
-        lattice, positions, numbers = (group[k][()] for k in ("lattice", "positions", "numbers"))
-    return [Structure(id=str(sid), source=f"{path}[{i}]", lattice=lattice[i],
+        ids = f["ids"].asstr()[()].astype(str)
+        return read_structures_group(f["structures"], ids,
+                                     [f"{path}[{i}]" for i in range(len(ids))])
+
+
+def read_structures_group(group: h5py.Group, ids, sources) -> list[Structure]:
+    """Inverse of _write_structures."""
+    offsets = group["atom_offsets"][()]
+    lattice, positions, numbers = (group[k][()] for k in ("lattice", "positions", "numbers"))
+    return [Structure(id=str(sid), source=str(source), lattice=lattice[i],
                       positions=positions[offsets[i]:offsets[i + 1]],
                       numbers=numbers[offsets[i]:offsets[i + 1]])
-            for i, sid in enumerate(ids)]
+            for i, (sid, source) in enumerate(zip(ids, sources))]
+
+
+def training_set_sha256(path: str | Path) -> str:
+    """What a model records of the data it trained on: the file's sha256, or a label folder's
+    (label_store.label_set_sha256)."""
+    if Path(path).is_dir():
+        from screener import label_store
+
+        return label_store.label_set_sha256(path)
+    return file_sha256(path)
 
 
 @contextmanager

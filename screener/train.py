@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from screener.dataset import SPLIT_METHOD, SPLIT_SEED, read_set_graphs, read_training_set
+from screener.dataset import (
+    SPLIT_METHOD,
+    SPLIT_SEED,
+    read_set_graphs,
+    read_training_set,
+    training_set_sha256,
+)
 from screener.errors import ScreenerError
 from screener.gap_set import bounds_excess, read_gap_set, spectrum_bounds
 from screener.graphs import collate
@@ -84,7 +90,7 @@ def train(data_path: str | Path, out_dir: str | Path, arch: str = "d-alignn", la
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = Path(data_path).resolve()
-    settings = {"data": str(data), "data_hash": file_sha256(data), "arch": arch,
+    settings = {"data": str(data), "data_hash": training_set_sha256(data), "arch": arch,
                 "latent": latent if arch == "ae-alignn" else None, "config": dict(config or {}),
                 "batch_size": batch_size, "lr": lr, "epochs": epochs, "patience": patience,
                 "loss": loss, "amp": amp, "workers": workers, "seed": seed,
