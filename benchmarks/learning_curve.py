@@ -2,7 +2,7 @@
 on nested fractions of its training split, every run scored on the same test split.
 
     python benchmarks/learning_curve.py --model screener/data/default_model.pt \
-        --data data/gpaw_labels.h5 --fractions 0.25 0.5 1 -o runs/curve \
+        --data data/labels/gpaw-pbe-lcao-dzp --fractions 0.25 0.5 1 -o runs/curve \
         [--gaps ../shared/data/jarvis_structures.json.gz] [--hold-out ../shared/data/poscar]
 
 The recipe (architecture, sizes, loss, epochs, seed, gap weight) is read from the model's
@@ -20,7 +20,6 @@ import argparse
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from screener import train
@@ -46,8 +45,7 @@ def subset_file(data: Path, fraction: float, out: Path) -> tuple[Path, int]:
     train_rows = np.random.default_rng(0).permutation(ts.split["train"])
     n_train = round(fraction * train_rows.size)
     keep = np.sort(np.concatenate([train_rows[:n_train], ts.split["val"], ts.split["test"]]))
-    with h5py.File(data, "r") as f:
-        provenance = json.loads(f.attrs["provenance"])
+    provenance = {k: v for k, v in ts.attrs.items() if k not in ("split_seed", "split_method")}
     path = out / f"subset_{fraction:g}.h5"
     structures = read_structures(data)
     write_training_set(path, [structures[i] for i in keep], ts.dos[keep], ts.ref_gap[keep],
