@@ -180,10 +180,13 @@ def _write(f: h5py.File, structures, graphs, dos, ref_gap, provenance, extra, se
 def _write_structures(group: h5py.Group, structures: list[Structure]) -> None:
     """Cells as ragged arrays, so graphs can be rebuilt (another k, a fixed graph builder)."""
     sizes = np.array([len(s.numbers) for s in structures], dtype=np.int64)
-    create_dataset(group, "lattice", np.stack([s.lattice for s in structures]), {})
-    create_dataset(group, "positions", np.concatenate([s.positions for s in structures]),
+    create_dataset(group, "lattice",
+                   np.array([s.lattice for s in structures], np.float64).reshape(-1, 3, 3), {})
+    create_dataset(group, "positions",
+                   np.concatenate([np.empty((0, 3))] + [s.positions for s in structures]),
                    {"compression": "gzip"})
-    create_dataset(group, "numbers", np.concatenate([s.numbers for s in structures]),
+    create_dataset(group, "numbers",
+                   np.concatenate([np.empty(0, np.int64)] + [s.numbers for s in structures]),
                    {"compression": "gzip"})
     create_dataset(group, "atom_offsets", np.concatenate([[0], np.cumsum(sizes)]), {})
 

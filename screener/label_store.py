@@ -143,8 +143,8 @@ def _write(f: h5py.File, records: Records, failures: list[Failure], provenance: 
     f.attrs.update(kind=KIND, schema_version=SCHEMA_VERSION, n_structures=len(records),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    screener_version=screener_version(), provenance=json.dumps(provenance))
-    create_dataset(f, "ids", [s.id for s in records.structures], {})
-    create_dataset(f, "sources", [s.source for s in records.structures], {})
+    create_dataset(f, "ids", np.array([s.id for s in records.structures], dtype=str), {})
+    create_dataset(f, "sources", np.array([s.source for s in records.structures], dtype=str), {})
     create_dataset(f, "dos", np.asarray(records.dos, dtype=np.float32),
                    {"compression": "gzip", "compression_opts": 9, "shuffle": True})
     create_dataset(f, "ref_gap", np.asarray(records.ref_gap, dtype=np.float32), {})
@@ -200,7 +200,9 @@ def newest(folder: str | Path) -> Newest:
     """
     parts = [read_part(path) for path in part_paths(folder)]
     if not parts:
-        raise SchemaError(f"{folder}: no label parts (part-NNNN.h5)")
+        levels = sorted(str(sub) for sub in Path(folder).iterdir() if is_label_folder(sub))
+        hint = f"; its label folders: {', '.join(levels)}" if levels else ""
+        raise SchemaError(f"{folder}: no label parts (part-NNNN.h5){hint}")
     _check_one_level(parts)
     where: dict[str, tuple[int, int]] = {}
     failed: dict[str, Failure] = {}

@@ -116,6 +116,14 @@ def test_parts_are_append_only(real, tmp_path):
         label_store.write_part(folder, _subset(real, np.array([1, 1])), [], real.provenance)
 
 
+def test_a_part_of_failures_only_is_an_empty_set(real, tmp_path):
+    folder = tmp_path / "level"
+    label_store.write_part(folder, _subset(real, np.arange(0)), real.failures[:2],
+                           real.provenance)
+    assert read_training_set(folder, graphs=False).ids.size == 0
+    assert list(label_store.newest(folder).failed) == [f.id for f in real.failures[:2]]
+
+
 def test_the_newest_record_of_an_id_wins(real, tmp_path):
     """A relabel is a new record in a later part; a later failure does not hide a label."""
     folder = tmp_path / "level"
