@@ -25,9 +25,10 @@ Level of theory, chosen for throughput on CPUs that many structures must share:
   breaks GPAW's default exact matching and multiplies the irreducible k-points (8x for MgO).
 - Spin: polarized for cells holding an element with an open d or f shell in its usual ions
   (MAGNETIC_ELEMENTS), unpolarized otherwise, which halves the cost of the rest. JARVIS runs
-  every cell with ISPIN = 2 and VASP's default start, 1 muB on every atom, ferromagnetic; a
-  polarized label starts the same way. The label is the spin-up (majority) channel per valence
-  electron, as edos_up; the gap is that of both channels together, as JARVIS's optB88vdW gap.
+  every cell with ISPIN = 2, ferromagnetic; here the start is ferromagnetic too, each
+  magnetic atom at its free atom's Hund's-rule moment (see initial_moments). The label is the
+  spin-up (majority) channel per valence electron, as edos_up; the gap is that of both
+  channels together, as JARVIS's optB88vdW gap.
 Known limits: ferromagnetic only (antiferromagnets come out ferromagnetic or non-magnetic), PBE
 underestimates gaps, and total energies are GPAW's (relative to its atomic references), not
 comparable to VASP's.
@@ -65,7 +66,6 @@ SPIN_RULES = ("magnetic-elements", "unpolarized")
 # Ti-Cu, Zr-Pd, Hf-Pt, Ce-Yb. Left out as closed shells in their usual ions: Sc, Y, La (d0),
 # Zn, Cd, Hg, Ag, Au (d10) and Lu (f14).
 MAGNETIC_ELEMENTS = frozenset([*range(22, 30), *range(40, 47), *range(72, 79), *range(58, 71)])
-INITIAL_MOMENT = 1.0
 _FINE_STEP = 0.01
 
 
@@ -113,8 +113,18 @@ class Label:
 
 
 def initial_moments(numbers: np.ndarray) -> np.ndarray:
-    """The ferromagnetic start of a polarized calculation, muB per atom."""
-    return np.full(len(numbers), INITIAL_MOMENT)
+    """The ferromagnetic start of a polarized calculation, muB per atom: on each atom of a
+    MAGNETIC_ELEMENTS element its free atom's Hund's-rule moment (Mn 5, Fe 4, Co 3, ...), on
+    the others none.
+
+    VASP's start, 1 muB on every atom, fails here: GPAW builds the first density from atomic
+    orbitals of the basis, which cannot hold a moment on a closed shell (Be 2s2: "Bad basis"),
+    and it left FeCl2 non-magnetic where the Hund start finds high-spin Fe2+.
+    """
+    from ase.data import ground_state_magnetic_moments
+
+    z = np.asarray(numbers)
+    return np.where(np.isin(z, list(MAGNETIC_ELEMENTS)), ground_state_magnetic_moments[z], 0.0)
 
 
 def kpoint_grid(atoms, density: float) -> tuple[int, int, int]:
@@ -309,8 +319,9 @@ def provenance(settings: Settings) -> dict:
     return {
         "code": f"GPAW {gpaw_version()}", "xc": "PBE", "mode": "LCAO dzp",
         "level_of_theory": "DFT, GPAW, PBE, LCAO dzp",
-        "spin": (f"polarized (ferromagnetic start, {INITIAL_MOMENT} muB per atom) where the cell "
-                 "holds one of dft.MAGNETIC_ELEMENTS, unpolarized otherwise (extra/spin)"
+        "spin": ("polarized (ferromagnetic start, free-atom Hund's-rule moments on the "
+                 "magnetic atoms) where the cell holds one of dft.MAGNETIC_ELEMENTS, "
+                 "unpolarized otherwise (extra/spin)"
                  if settings.spin == "magnetic-elements" else "unpolarized"),
         "kpt_density": settings.kpt_density,
         "kpts": "gamma-centred Monkhorst-Pack from the ASE density (N_i * a_i >= 2 pi * "

@@ -19,7 +19,7 @@ from conftest import GPAW_LABELS
 from screener import label_store
 from screener.cli import main
 from screener.dataset import read_structures, read_training_set
-from screener.dft import Settings, spin_mode
+from screener.dft import Settings, initial_moments, spin_mode
 from screener.dos import E_STEP, ENERGY_GRID, band_gap, valence_electrons
 from screener.label import (
     GAPPED_ABOVE,
@@ -328,6 +328,7 @@ def test_spin_mode_follows_the_elements():
     assert spin_mode(mode, [25, 8]) == spin_mode(mode, [58, 1]) == "polarized"  # MnO, CeH
     assert spin_mode(mode, [11, 17]) == spin_mode(mode, [30, 21, 71, 8]) == "unpolarized"
     assert spin_mode(Settings(spin="unpolarized"), [25, 8]) == "unpolarized"
+    assert initial_moments(np.array([26, 25, 8, 4, 58])).tolist() == [4, 5, 0, 0, 1]
     with pytest.raises(ValueError, match="spin"):
         Settings(spin="antiferromagnetic")
 
