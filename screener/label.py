@@ -130,7 +130,7 @@ def label_inputs(selected: list[tuple[Structure | Failure, float]], out: str | P
         if structures_todo:
             _run_tasks(structures_todo, work, settings, address, workers, timeout, record)
     summary.seconds = time.perf_counter() - start
-    if any(r["status"] == "ok" or not r["reason"].startswith(LOST) for r in read_results(work)):
+    if any(map(_exportable, read_results(work))):
         summary.exported = export(out)
     return summary
 
@@ -449,14 +449,11 @@ def _as_failure(result: dict) -> Failure:
 
 
 def export(out: str | Path) -> ExportSummary:
-    """Add the work folder's results to the label folder as a new part, then clear them.
-
-    A lost task is left out: it says nothing about the structure, and the next run redoes it.
-    """
+    """Add the work folder's results to the label folder as a new part, then clear them;
+    a lost task is left out (_exportable), so the next run redoes it."""
     level = level_dir(out)
     work = work_dir(level)
-    results = [r for r in read_results(work)
-               if r["status"] == "ok" or not r["reason"].startswith(LOST)]
+    results = [r for r in read_results(work) if _exportable(r)]
     if not results:
         raise ValueError(f"{work}: no finished structure to export")
     settings = Settings(**json.loads((work / _SETTINGS_FILE).read_text()))
@@ -466,6 +463,11 @@ def export(out: str | Path) -> ExportSummary:
     for result in read_results(work):
         _result_path(work, result["id"]).unlink()
     return ExportSummary(path, len(ok), len(failed))
+
+
+def _exportable(result: dict) -> bool:
+    """A lost task says nothing about the structure: it stays out of the parts."""
+    return result["status"] == "ok" or not result["reason"].startswith(LOST)
 
 
 def _part_records(ok: list[dict]) -> label_store.Records:
