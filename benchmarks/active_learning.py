@@ -2,7 +2,7 @@
 run on labels already made: the labelled set stands in for the structures DFT would label.
 
     python benchmarks/active_learning.py --model screener/data/default_model.pt \
-        --data data/gpaw_labels.h5 --seed-size 300 --add 500 -o runs/active [--epochs 40]
+        --data data/labels/gpaw-pbe-lcao-dzp --seed-size 300 --add 500 -o runs/active [--epochs 40]
 
 A first model (the recipe of --model, read from its checkpoint) is trained on `seed-size`
 training structures and given a gap head fitted on their gaps alone. From the rest of the

@@ -3,7 +3,7 @@ the gap head on D-ALIGNN's pooled features and spectrum, and the same head on pr
 CHGNet atom features (frozen, mean over atoms; made by a CHGNet install of its own, see
 --chgnet) with and without the spectrum.
 
-    python benchmarks/gap_ablation.py --model RUN/model.pt --data data/gpaw_labels.h5 \
+    python benchmarks/gap_ablation.py --model RUN/model.pt --data data/labels/gpaw-pbe-lcao-dzp \
         --gaps ../shared/data/jarvis_structures.json.gz --hold-out ../shared/data/poscar \
         [--chgnet chgnet_features.npz] [--json ablation.json]
 

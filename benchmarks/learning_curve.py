@@ -2,7 +2,7 @@
 on nested fractions of its training split, every run scored on the same test split.
 
     python benchmarks/learning_curve.py --model screener/data/default_model.pt \
-        --data data/gpaw_labels.h5 --fractions 0.25 0.5 1 -o runs/curve \
+        --data data/labels/gpaw-pbe-lcao-dzp --fractions 0.25 0.5 1 -o runs/curve \
         [--gaps ../shared/data/jarvis_structures.json.gz] [--hold-out ../shared/data/poscar]
 
 The recipe (architecture, sizes, loss, epochs, seed, gap weight) is read from the model's

@@ -1,7 +1,7 @@
 """How right a finished screen is: its predicted gaps against the JARVIS optB88vdW gaps.
 
     python benchmarks/screen_accuracy.py results/ --bandgap 1.4:1.6 \
-        [--reference ../shared/data/jarvis_structures.json.gz] [--labelled data/gpaw_labels.h5]
+        [--reference ../shared/data/jarvis_structures.json.gz] [--labelled data/labels/gpaw-pbe-lcao-dzp]
 
 Prints the gap MAE, metal/non-metal accuracy and confusion over every screened structure with
 a reference gap (the screen's gap: the learned one where the model has a gap head; the gap read

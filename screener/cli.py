@@ -102,7 +102,7 @@ MODEL_HELP = ("Checkpoint file, `screen train` run folder, or a shipped model: d
 @click.option("--verify", "verify_top", type=click.IntRange(min=1), metavar="N",
               help="Then DFT-check (GPAW) the N shortlisted structures likeliest in --bandgap "
                    "(then the predicted gap furthest inside it; ties by id): verify.csv and "
-                   "the training set verify.h5 in --out. A rerun skips finished structures.")
+                   "the label root labels/ in --out. A rerun skips finished structures.")
 @click.option("--min-probability", type=click.FloatRange(0, 1), metavar="P",
               help="Shortlist structures whose gap is in --bandgap or whose P(gap in "
                    "--bandgap) >= P (default: the model's, chosen on validation).")
@@ -315,8 +315,8 @@ def _write_training_set(labelled, out: str, seed: int, ref_gaps: str | None) -> 
 
 @main.command("evaluate")
 @click.option("--model", "model_path", callback=model_path, metavar="PATH|NAME", help=MODEL_HELP)
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Training set (.h5) from `screen data`.")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True),
+              help="Training set: an .h5 from `screen data` or a label folder from `screen label`.")
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test",
               show_default=True, help="Rows to score; the checkpoint's split when it stores one.")
 @click.option("-o", "--out", "out_dir", default="report", show_default=True,
@@ -358,7 +358,7 @@ def evaluate_model(model_path, data_path, split, out_dir, batch_size, device, ga
 
 
 @main.command("train")
-@click.argument("data_path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data_path", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder: checkpoints, metrics.csv/json, model.pt. Rerun to resume.")
 @click.option("--arch", type=click.Choice(["d-alignn", "ae-alignn"]), default="d-alignn",
@@ -413,8 +413,8 @@ def train_command(data_path, out_dir, arch, latent, latent_sweep, overrides, **o
 
 @main.command("gap-head")
 @click.option("--model", "model_file", callback=model_path, metavar="PATH|NAME", help=MODEL_HELP)
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="The labelled training set the model trained on (.h5).")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True),
+              help="The labelled training set the model trained on (.h5 or label folder).")
 @click.option("--gaps", required=True, type=click.Path(exists=True, dir_okay=False),
               help="JARVIS records (json/json.gz) with optB88vdW gaps.")
 @click.option("--hold-out", multiple=True, type=click.Path(exists=True),
@@ -456,9 +456,11 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
 @main.command("label")
 @click.option("--structures", type=click.Path(exists=True),
               help="shortlist.csv (id, source), folder, file or JARVIS json(.gz).")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
-              help="Training set to write (.h5); finished work is kept in <out>.parts/, "
-                   "and an existing file (with its .failures.csv) is resumed, not redone.")
+@click.option("-o", "--out", default="data/labels", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Label root: each run adds a part to <out>/<level>/ with what it finished; "
+                   "structures labelled or failed there are skipped, finished work waits in "
+                   "<out>/<level>.work/.")
 @click.option("--address", help="Ray cluster address; default: a local Ray.")
 @click.option("--workers", type=int, help="Calculations at once (default: one per Ray CPU).")
 @click.option("--timeout", type=float, default=600.0, show_default=True,
@@ -476,22 +478,27 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
               help="k-points per reciprocal Angstrom (ASE density).")
 @click.option("--retry-failed", is_flag=True,
               help="Calculate failed structures again (a lost Ray task is always tried again).")
-@click.option("--export-only", is_flag=True, help="Only write --out from the finished parts.")
+@click.option("--export-only", is_flag=True,
+              help="Only add the finished work of an interrupted run as a part.")
+@click.option("--import", "import_file", type=click.Path(exists=True, dir_okay=False),
+              help="Add a training set written by an older `screen label` (.h5 with its "
+                   ".failures.csv) as a part.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def label_command(structures, out, address, workers, timeout, limit, order, model, kpt_density,
-                  retry_failed, export_only, quiet):
-    """DFT-label structures with GPAW (PBE, LCAO dzp): DOS, gap, energy -> training set."""
+                  retry_failed, export_only, import_file, quiet):
+    """DFT-label structures with GPAW (PBE, LCAO dzp): DOS, gap, energy -> label parts."""
     from screener.dft import label
 
-    if export_only:
+    if export_only or import_file:
         try:
-            done = label.export(out)
+            done = label.import_training_set(import_file, out) if import_file else \
+                label.export(out)
         except (ValueError, FileNotFoundError) as error:
             raise click.ClickException(str(error)) from None
         click.echo(f"wrote {done.path}: {done.n_labelled} labelled, {done.n_failed} failed")
         return
     if structures is None:
-        raise click.UsageError("--structures is required unless --export-only")
+        raise click.UsageError("--structures is required unless --export-only or --import")
     try:
         summary = label.label(structures, out, label.Settings(kpt_density=kpt_density),
                               address=address, workers=workers, timeout=timeout, limit=limit,
@@ -509,7 +516,7 @@ def label_command(structures, out, address, workers, timeout, limit, order, mode
 
 
 @main.command("check-labels")
-@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+@click.argument("labels", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for check.json, gap_parity.png and dos_overlay/.")
 @click.option("--edos", type=click.Path(exists=True, dir_okay=False),

@@ -90,10 +90,16 @@ def normalize(dos: np.ndarray, n_valence: int | np.ndarray) -> np.ndarray:
     downloads and the paper's MAE figures share one scale. `n_valence` is a count for one
     spectrum or one count per row of an (n, 300) batch.
     """
+    return per_valence_electron(np.asarray(dos, dtype=np.float64) / 2.0, n_valence)
+
+
+def per_valence_electron(channel: np.ndarray, n_valence: int | np.ndarray) -> np.ndarray:
+    """One spin channel's DOS (states/eV per cell) per valence electron: edos_up is the up
+    channel of a spin-polarized VASP run on this scale. Batches as in normalize."""
     n = np.asarray(n_valence, dtype=np.float64)
     if np.any(n <= 0):
         raise ValueError("n_valence must be positive")
-    return np.asarray(dos, dtype=np.float64) / (2.0 * (n[:, None] if n.ndim else n))
+    return np.asarray(channel, dtype=np.float64) / (n[:, None] if n.ndim else n)
 
 
 def dos_at_ef(dos: np.ndarray) -> float | np.ndarray:

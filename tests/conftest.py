@@ -11,7 +11,7 @@ import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
-GPAW_LABELS = REPO / "data" / "gpaw_labels.h5"
+GPAW_LABELS = REPO / "data" / "labels" / "gpaw-pbe-lcao-dzp"
 TINY = {"hidden": 16, "embedding": 8, "edge_rbf": 16, "angle_rbf": 8, "alignn_layers": 1,
         "gcn_layers": 1}
 

@@ -3,23 +3,43 @@ every number equals the one computed by hand from the raw arrays of the files.""
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import GPAW_LABELS, REPO
+from conftest import GPAW_LABELS
 
 from screener.cli import main
 from screener.dft.check_labels import DOS_FOLDER, GAP_PARITY, REPORT, check_labels
+from screener.training import label_store
 from screener.training.dataset import from_json, write_training_set
-
-EDOS_LABELS = REPO / "data" / "edos_labels.h5"
 
 
 def _raw(path: Path) -> dict[str, np.ndarray]:
-    with h5py.File(path, "r") as f:
-        return {"ids": f["ids"].asstr()[()], "dos": f["dos"][()], "ref_gap": f["ref_gap"][()],
-                "gpaw_gap": f["extra/gpaw_gap"][()]}
+    """The newest record of each id, straight from the parts."""
+    found = label_store.newest(path)
+    records = [found.parts[p].records for p in found.part]
+    return {"ids": found.ids,
+            "dos": np.stack([r.dos[i] for r, i in zip(records, found.row)]),
+            "ref_gap": np.array([r.ref_gap[i] for r, i in zip(records, found.row)]),
+            "gpaw_gap": np.array([r.extra["gpaw_gap"][i] for r, i in zip(records, found.row)])}
+
+
+@pytest.fixture(scope="module")
+def edos_labels(shared_data, tmp_path_factory) -> Path:
+    """A label folder of the committed labels of the 10 JARVIS eDOS structures, without their
+    reference gaps."""
+    jids = [r["jid"] for r in _edos_records(shared_data)]
+    found = label_store.newest(GPAW_LABELS)
+    keep = [k for k, i in enumerate(found.ids) if i in jids]
+    records = [found.parts[found.part[k]].records for k in keep]
+    rows = [found.row[k] for k in keep]
+    folder = tmp_path_factory.mktemp("edos") / "level"
+    label_store.write_part(folder, label_store.Records(
+        [r.structures[i] for r, i in zip(records, rows)],
+        np.stack([r.dos[i] for r, i in zip(records, rows)]), np.full(len(rows), np.nan),
+        {name: np.array([r.extra[name][i] for r, i in zip(records, rows)])
+         for name in label_store.EXTRA}), [], found.parts[-1].provenance)
+    return folder
 
 
 def _edos_records(shared_data: Path) -> list[dict]:
@@ -41,21 +61,24 @@ def test_gap_check_equals_hand_computation(tmp_path):
     assert gap["correlation"] == pytest.approx(np.corrcoef(gpaw, ref)[0, 1], rel=1e-12)
     assert gap["n_gapped"] == gapped.sum()
     assert gap["mae_gapped"] == pytest.approx(np.mean(np.abs(gpaw - ref)[gapped]), rel=1e-12)
-    assert gap["class_disagreements"] == np.sum(gapped != (gpaw >= 0.1))
+    assert gap["class_disagreements"] == np.sum(gapped != (gpaw >= 0.1)) == len(
+        gap["disagreements"])
+    listed = {d["id"] for d in gap["disagreements"]}
+    assert listed == set(raw["ids"][known][gapped != (gpaw >= 0.1)])
     assert json.loads((tmp_path / REPORT).read_text()) == report
     assert (tmp_path / GAP_PARITY).stat().st_size > 0
     assert "dos" not in report
 
 
-def test_dos_check_equals_hand_computation(tmp_path, shared_data):
-    raw = _raw(EDOS_LABELS)
+def test_dos_check_equals_hand_computation(tmp_path, shared_data, edos_labels):
+    raw = _raw(edos_labels)
     rows = {sid: i for i, sid in enumerate(raw["ids"])}
     records = _edos_records(shared_data)
     assert all(len(r["edos_up"]) == raw["dos"].shape[1] == 300 for r in records)
     expected = {r["jid"]: np.mean(np.abs(raw["dos"][rows[r["jid"]]] - np.array(r["edos_up"])))
                 for r in records if r["jid"] in rows}
 
-    report = check_labels(EDOS_LABELS, tmp_path, shared_data / "jarvis_edos_sample10.json")
+    report = check_labels(edos_labels, tmp_path, shared_data / "jarvis_edos_sample10.json")
 
     dos = report["dos"]
     assert dos["n_matched"] == len(expected) >= 1
@@ -69,12 +92,12 @@ def test_dos_check_equals_hand_computation(tmp_path, shared_data):
     assert report["notes"] == ["no JARVIS reference gaps in the labels: gap parity skipped"]
 
 
-def test_cli_lists_the_edos_structures_it_has_no_label_for(tmp_path, shared_data):
+def test_cli_lists_the_edos_structures_it_has_no_label_for(tmp_path, shared_data, edos_labels):
     records = _edos_records(shared_data)
     unlabelled = {**records[0], "jid": "JVASP-NOT-LABELLED"}
     edos = tmp_path / "edos.json"
     edos.write_text(json.dumps([*records, unlabelled]))
-    result = CliRunner().invoke(main, ["check-labels", str(EDOS_LABELS), "-o", str(tmp_path / "out"),
+    result = CliRunner().invoke(main, ["check-labels", str(edos_labels), "-o", str(tmp_path / "out"),
                                        "--edos", str(edos)])
     assert result.exit_code == 0, result.output
     assert "DOS vs JARVIS edos_up" in result.output and f"{len(records)} matched" in result.output

@@ -1,5 +1,4 @@
 """DFT labelling on real JARVIS cells: physical DOS, gaps, failures, timeouts, exact resume."""
-import csv
 import gzip
 import json
 import math
@@ -15,31 +14,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import GPAW_LABELS
 
 from screener.cli import main
-from screener.dft.gpaw import Settings
+from screener.dft.gpaw import Settings, initial_moments, spin_mode
 from screener.dft.label import (
     GAPPED_ABOVE,
     LOST,
-    _failure_part,
+    _failure_result,
+    _needs_label,
     element_cover,
     gap_balanced,
     label,
-    parts_dir,
+    latest_results,
+    level_dir,
     read_inputs,
-    read_part,
-    read_parts,
+    read_results,
     select,
     small_first,
-    write_part,
+    work_dir,
+    write_result,
 )
 from screener.dos import E_STEP, ENERGY_GRID, band_gap, valence_electrons
 from screener.io import Failure
-from screener.training.dataset import read_training_set
+from screener.io.files import file_sha256
+from screener.training import label_store
+from screener.training.dataset import read_structures, read_training_set
 
 FAST = Settings(kpt_density=1.0)
 CELLS = ("JVASP-816", "JVASP-1014", "JVASP-116", "JVASP-1130", "JVASP-7577")  # Al Ta MgO LiF Si
 # JVASP-7577 is one Si atom in a 20 A box: its 3p shell is half filled, so it has no gap.
+# Ta, a 5d metal, is calculated spin-polarized and stays non-magnetic.
+MNCL2 = "JVASP-2038"  # high-spin Mn2+ (5 muB), gapped: JARVIS optB88vdW 1.55 eV
 
 
 def _records(shared_data: Path) -> list[dict]:
@@ -63,8 +69,9 @@ def inputs(shared_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def labelled(inputs, tmp_path_factory, ray_local):
+    """(label root, summary) of one run over the cells."""
     pytest.importorskip("gpaw")
-    out = tmp_path_factory.mktemp("labels") / "labels.h5"
+    out = tmp_path_factory.mktemp("labels") / "labels"
     return out, label(inputs, out, FAST, workers=2, timeout=300, progress=False)
 
 
@@ -73,7 +80,7 @@ def labelled(inputs, tmp_path_factory, ray_local):
 def test_labels_are_real_normalized_spectra(labelled):
     out, summary = labelled
     assert (summary.n_selected, summary.n_labelled, summary.n_failed) == (6, 5, 1)
-    data = read_training_set(out)
+    data = read_training_set(level_dir(out))
     assert list(data.ids) == sorted(CELLS)
     assert data.dos.shape == (5, 300) and np.isfinite(data.dos).all() and (data.dos >= 0).all()
     row = dict(zip(data.ids, range(5)))
@@ -84,16 +91,20 @@ def test_labels_are_real_normalized_spectra(labelled):
     assert lif[ENERGY_GRID < 0].sum() * E_STEP == pytest.approx(6 / 20, abs=1e-3)
     assert data.extra["n_electrons"][row["JVASP-1130"]] == 8
     assert valence_electrons(np.array([3, 9])) == 10
-    assert data.attrs["code"].startswith("GPAW ") and data.attrs["spin"] == "unpolarised"
+    assert data.attrs["code"].startswith("GPAW ") and data.attrs["spin"].startswith("polarized")
+    spin = dict(zip(data.ids, data.extra["spin"]))
+    assert spin.pop("JVASP-1014") == "polarized" and set(spin.values()) == {"unpolarized"}
+    assert np.abs(data.extra["magmom"]).max() < 0.05
     kpts = data.extra["kpts"]
     assert ((kpts % 2 == 0) | (kpts == 1)).all() and (data.extra["wall_time"] > 0).all()
+    assert (data.extra["cpu_time"] > 0).all()
 
 
 @pytest.mark.dft
 @pytest.mark.slow
 def test_gaps_from_eigenvalues_and_reference(labelled):
     out, _ = labelled
-    data = read_training_set(out)
+    data = read_training_set(level_dir(out))
     gap = dict(zip(data.ids, data.extra["gpaw_gap"]))
     ref = dict(zip(data.ids, data.ref_gap))
     assert gap["JVASP-816"] == gap["JVASP-1014"] == gap["JVASP-7577"] == 0
@@ -113,63 +124,88 @@ def test_bad_structure_is_a_recorded_failure(labelled):
     out, summary = labelled
     [failure] = summary.failures
     assert failure.id == "overlapping-atoms" and failure.stage == "validate"
-    with open(out.with_name("labels.failures.csv")) as f:
-        [row] = list(csv.DictReader(f))
-    assert row["id"] == "overlapping-atoms" and row["reason"] == failure.reason
+    [part] = label_store.part_paths(level_dir(out))
+    assert label_store.read_part(part).failures == [failure]
 
 
 @pytest.mark.dft
 @pytest.mark.slow
-def test_rerun_computes_nothing(labelled, inputs):
+def test_rerun_computes_nothing_and_adds_no_part(labelled, inputs):
     out, _ = labelled
-    parts = sorted(parts_dir(out).glob("*.json"))
-    stamps = [p.stat().st_mtime_ns for p in parts]
+    [part] = label_store.part_paths(level_dir(out))
+    digest = file_sha256(part)
     result = CliRunner().invoke(main, ["label", "--structures", str(inputs), "-o", str(out),
                                        "--kpt-density", "1.0", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "6 already done, 0 labelled, 0 failed" in result.output
-    assert [p.stat().st_mtime_ns for p in parts] == stamps
+    assert label_store.part_paths(level_dir(out)) == [part] and file_sha256(part) == digest
     export = CliRunner().invoke(main, ["label", "-o", str(out), "--export-only"])
-    assert export.exit_code == 0 and "5 labelled, 1 failed" in export.output
+    assert export.exit_code != 0 and "no finished structure to export" in export.output
     other = CliRunner().invoke(main, ["label", "--structures", str(inputs), "-o", str(out)])
     assert other.exit_code != 0 and "was labelled with {'kpt_density': 1.0" in other.output
 
 
 @pytest.mark.dft
 @pytest.mark.slow
-def test_a_set_without_its_parts_folder_resumes_without_recomputing(labelled, inputs, tmp_path):
-    """A committed or copied training set: the parts come back from the file and its csv."""
+def test_a_fresh_clone_of_the_parts_resumes_without_recomputing(labelled, inputs, tmp_path):
+    """Committed parts without the work folder: labelled and failed structures are skipped."""
     out, _ = labelled
-    copy = tmp_path / "labels.h5"
-    shutil.copy(out, copy)
-    shutil.copy(out.with_name("labels.failures.csv"), tmp_path)
-    before = read_training_set(copy)
-    result = CliRunner().invoke(main, ["label", "--structures", str(inputs), "-o", str(copy),
+    clone = tmp_path / "labels"
+    shutil.copytree(level_dir(out), level_dir(clone))
+    result = CliRunner().invoke(main, ["label", "--structures", str(inputs), "-o", str(clone),
                                        "--kpt-density", "1.0", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "6 already done, 0 labelled, 0 failed" in result.output
-    assert "wrote" in result.output and "5 labelled, 1 failed" in result.output
-    after = read_training_set(copy)
-    assert list(after.ids) == list(before.ids) and np.array_equal(after.dos, before.dos)
-    assert all(np.array_equal(after.extra[k], before.extra[k]) for k in before.extra)
-    assert read_part(parts_dir(copy), "overlapping-atoms")["stage"] == "validate"
-    (tmp_path / "fresh").mkdir()
-    shutil.copy(out, tmp_path / "fresh" / "labels.h5")
-    refused = CliRunner().invoke(main, ["label", "--structures", str(inputs), "-o",
-                                        str(tmp_path / "fresh" / "labels.h5")])
-    assert refused.exit_code != 0 and "labels.h5 was labelled with {'kpt_density': 1.0" in (
-        refused.output)
-    assert not parts_dir(tmp_path / "fresh" / "labels.h5").exists()
+    assert [p.name for p in label_store.part_paths(level_dir(clone))] == ["part-0000.h5"]
+    assert latest_results(clone)["overlapping-atoms"]["stage"] == "validate"
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_spin_polarized_relabel_is_a_new_part(shared_data, tmp_path, ray_local):
+    """Labels made unpolarized stay valid for cells without magnetic elements; MnCl2's is
+    redone polarized, into a new part that supersedes it, the first part untouched."""
+    pytest.importorskip("gpaw")
+    records = {r["jid"]: r for r in _records(shared_data)}
+    inputs = tmp_path / "cells.json"
+    inputs.write_text(json.dumps([records[CELLS[0]], records[MNCL2]]))
+    out = tmp_path / "labels"
+    before = label(inputs, out, Settings(kpt_density=1.0, spin="unpolarized"), workers=1,
+                   timeout=300, progress=False)
+    assert before.n_labelled == 2
+    [first] = label_store.part_paths(level_dir(out))
+    digest = file_sha256(first)
+    unpolarized = read_training_set(level_dir(out), graphs=False)
+
+    after = label(inputs, out, FAST, workers=1, timeout=300, progress=False)
+    assert (after.n_already, after.n_labelled) == (1, 1)
+    assert [p.name for p in label_store.part_paths(level_dir(out))] == ["part-0000.h5",
+                                                                         "part-0001.h5"]
+    assert file_sha256(first) == digest
+    data = read_training_set(level_dir(out), graphs=False)
+    row = {i: k for k, i in enumerate(data.ids)}
+    al, mn = row[CELLS[0]], row[MNCL2]
+    assert list(data.extra["spin"][[al, mn]]) == ["unpolarized", "polarized"]
+    assert np.array_equal(data.dos[al], unpolarized.dos[al])
+    assert data.extra["magmom"][mn] == pytest.approx(5.0, abs=0.1)
+    assert 1.0 < data.extra["gpaw_gap"][mn] < 2.5 and unpolarized.extra["gpaw_gap"][mn] < 1.0
+    # Below E_F the up channel holds Mn 3d's 5 electrons and at most Cl 3p's 6 of one spin;
+    # the spin average would hold 2.5 + at most 6. Per JARVIS valence electron (Mn 13 +
+    # 2 Cl 7 = 27), only the up channel can exceed 8.5 / 27 in the window.
+    up = data.dos[mn][ENERGY_GRID < 0].sum() * E_STEP
+    assert 8.5 / 27 < up <= 11 / 27
+    assert label(inputs, out, FAST, workers=1, progress=False).n_already == 2
 
 
 @pytest.mark.dft
 @pytest.mark.slow
 def test_timeout_fails_the_structure_and_the_run_goes_on(inputs, tmp_path, ray_local):
     pytest.importorskip("gpaw")
-    out = tmp_path / "slow.h5"
+    out = tmp_path / "slow"
     summary = label(inputs, out, FAST, workers=1, timeout=1, limit=3, progress=False)
     timed_out = [f for f in summary.failures if f.stage == "label"]
-    assert len(timed_out) == 2 and summary.n_labelled == 0 and summary.exported is None
+    assert len(timed_out) == 2 and summary.n_labelled == 0
+    assert (summary.exported.n_labelled, summary.exported.n_failed) == (0, 3)
     assert all(re.match(r"timed out after 1 s \(\d+ s CPU\)", f.reason) for f in timed_out)
 
 
@@ -178,12 +214,12 @@ def test_timeout_fails_the_structure_and_the_run_goes_on(inputs, tmp_path, ray_l
 def test_a_lost_task_is_tried_again_by_the_next_run(inputs, tmp_path, ray_local):
     """A dead worker is not the structure's fault: unlike other failures, its part is redone."""
     pytest.importorskip("gpaw")
-    out = tmp_path / "lost.h5"
+    out = tmp_path / "lost"
     lost = Failure(CELLS[0], str(inputs), "label", f"{LOST}: the worker died")
-    write_part(parts_dir(out), _failure_part(lost, float("nan"), 0.0))
+    write_result(work_dir(level_dir(out)), _failure_result(lost, float("nan"), 0.0))
     summary = label(inputs, out, FAST, workers=1, timeout=300, limit=2, progress=False)
     assert (summary.n_already, summary.n_labelled) == (0, 1)  # and the bad record, failed
-    assert read_part(parts_dir(out), CELLS[0])["status"] == "ok"
+    assert latest_results(out)[CELLS[0]]["status"] == "ok"
 
 
 def _descendants(pid: int) -> list[int]:
@@ -215,7 +251,7 @@ def _process_name(pid: int) -> str:
 def test_when_its_raylet_dies_the_run_stops_and_keeps_its_finished_work(inputs, tmp_path):
     """The queue is not marked lost: the run in flight is collected, the rest waits for a rerun."""
     pytest.importorskip("gpaw")
-    out = tmp_path / "died.h5"
+    out = tmp_path / "died"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.Popen([sys.executable, "-m", "screener.cli", "label", "--structures",
                             str(inputs), "-o", str(out), "--workers", "1", "--limit", "3",
@@ -223,7 +259,7 @@ def test_when_its_raylet_dies_the_run_stops_and_keeps_its_finished_work(inputs, 
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (parts_dir(out) / "logs").exists() and time.monotonic() < deadline:
+        while not (work_dir(level_dir(out)) / "logs").exists() and time.monotonic() < deadline:
             assert run.poll() is None, run.communicate()[1][-2000:]
             time.sleep(0.2)
         [raylet] = [pid for pid in _descendants(run.pid) if _process_name(pid) == "raylet"]
@@ -232,8 +268,9 @@ def test_when_its_raylet_dies_the_run_stops_and_keeps_its_finished_work(inputs, 
     finally:
         run.kill()
     assert run.returncode == 1 and "Ray node stopped" in stderr, stderr[-2000:]
-    parts = [(p["id"], p["status"]) for p in read_parts(parts_dir(out))]
-    assert parts == [(CELLS[0], "ok"), ("overlapping-atoms", "failed")]
+    results = [(r["id"], r["status"]) for r in read_results(work_dir(level_dir(out)))]
+    assert results == [(CELLS[0], "ok"), ("overlapping-atoms", "failed")]
+    assert not label_store.part_paths(level_dir(out))
 
 
 @pytest.mark.dft
@@ -245,13 +282,14 @@ def test_a_cell_too_skewed_for_gpaw_is_labelled_in_its_niggli_form(shared_data, 
     [record] = [r for r in _records(shared_data) if r["jid"] == "JVASP-46446"]
     inputs = tmp_path / "skewed.json"
     inputs.write_text(json.dumps([record]))
-    out = tmp_path / "skewed.h5"
+    out = tmp_path / "skewed"
     summary = label(inputs, out, Settings(kpt_density=0.3), workers=1, timeout=300,
                     progress=False)
     assert (summary.n_labelled, summary.n_failed) == (1, 0), summary.failures
-    part = read_part(parts_dir(out), "JVASP-46446")
-    assert np.allclose(part["lattice"], record["atoms"]["lattice_mat"])
-    assert np.isfinite(part["dos"]).all() and part["n_electrons"] == 33
+    [cell] = read_structures(level_dir(out))
+    assert np.allclose(cell.lattice, record["atoms"]["lattice_mat"])
+    data = read_training_set(level_dir(out), graphs=False)
+    assert np.isfinite(data.dos).all() and data.extra["n_electrons"][0] == 33
 
 
 def _jarvis_items(shared_data) -> list:
@@ -283,6 +321,32 @@ def test_small_first_takes_every_element_early(shared_data):
         assert first < len(cover) and ordered[first].n_atoms == min(
             s.n_atoms for s in ordered if z in s.numbers)
     assert max(s.n_atoms for s in cover) >= 36
+
+
+def test_spin_mode_follows_the_elements():
+    """Open d or f shells are calculated polarized; closed-shell ions (Sc, Zn, Lu) are not."""
+    mode = Settings()
+    assert spin_mode(mode, [25, 8]) == spin_mode(mode, [58, 1]) == "polarized"  # MnO, CeH
+    assert spin_mode(mode, [11, 17]) == spin_mode(mode, [30, 21, 71, 8]) == "unpolarized"
+    assert spin_mode(Settings(spin="unpolarized"), [25, 8]) == "unpolarized"
+    assert initial_moments(np.array([26, 25, 8, 4, 58])).tolist() == [4, 5, 0, 0, 1]
+    with pytest.raises(ValueError, match="spin"):
+        Settings(spin="antiferromagnetic")
+
+
+def test_unpolarized_labels_are_redone_only_where_elements_are_magnetic(tmp_path):
+    """The committed labels, all unpolarized: those of cells with magnetic elements are what
+    `screen label` now redoes, the others stay done."""
+    out = tmp_path / "labels"
+    part = label_store.read_part(GPAW_LABELS / "part-0000.h5")
+    label_store.write_part(level_dir(out), part.records, part.failures, part.provenance)
+    latest = latest_results(out)
+    todo = {i for i, result in latest.items() if _needs_label(result, Settings(), False)}
+    magnetic = {s.id for s in part.records.structures
+                if spin_mode(Settings(), s.numbers.tolist()) == "polarized"}
+    assert todo == magnetic and 0 < len(todo) < len(part.records)
+    assert not any(_needs_label(r, Settings(spin="unpolarized"), False) for r in latest.values())
+    assert all(_needs_label(latest[f.id], Settings(), True) for f in part.failures)
 
 
 def test_a_structure_without_a_gpaw_basis_fails_before_any_task(shared_data):

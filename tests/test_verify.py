@@ -10,11 +10,12 @@ from click.testing import CliRunner
 
 from screener.cli import main
 from screener.dft.gpaw import Settings
-from screener.dft.label import parts_dir
+from screener.dft.label import level_dir
 from screener.dft.verify import LABELS, TABLE, rank, verify
 from screener.pipeline import RunOptions, run
 from screener.results.query import query
 from screener.training.dataset import read_training_set
+from screener.training.label_store import part_paths
 
 FAST = Settings(kpt_density=1.0)
 # The two smallest cells of the POSCAR set (18 and 11 A^3), GPAW seconds each: a hexagonal
@@ -62,7 +63,7 @@ def test_top_n_gets_dft_gaps_in_a_table_and_a_training_set(verified, screened):
     assert [float(r["predicted_gap"]) for r in rows] == [float(g) for g in predicted["band_gap"]]
     dft_gap = {r["id"]: float(r["dft_gap"]) for r in rows}
     assert 2.0 < dft_gap["JVASP-30458"] < 3.5 and 4.0 < dft_gap["JVASP-91"] < 5.0
-    labels = read_training_set(screened / LABELS)
+    labels = read_training_set(level_dir(screened / LABELS))
     assert list(labels.ids) == sorted(SMALLEST) and labels.dos.shape == (2, 300)
     assert dict(zip(labels.ids, labels.extra["gpaw_gap"])) == pytest.approx(dft_gap)
 
@@ -70,9 +71,9 @@ def test_top_n_gets_dft_gaps_in_a_table_and_a_training_set(verified, screened):
 @pytest.mark.dft
 @pytest.mark.slow
 def test_rerun_and_other_windows_compute_nothing(verified, screened):
-    parts = sorted(parts_dir(screened / LABELS).glob("*.json"))
+    parts = part_paths(level_dir(screened / LABELS))
     stamps = [p.stat().st_mtime_ns for p in parts]
-    assert len(parts) == 3  # two structures and settings.json
+    assert len(parts) == 1
     again = verify(screened, WIDE, 2, FAST, progress=False)
     assert (again.labelling.n_already, again.labelling.n_labelled) == (2, 0)
     narrow = verify(screened, (0.0, 3.0), 1, FAST, progress=False)
@@ -80,7 +81,7 @@ def test_rerun_and_other_windows_compute_nothing(verified, screened):
     assert [r["id"] for r in _table(screened)] == ["JVASP-30458"]
     below = verify(screened, (0.0, 2.0), 2, FAST, progress=False)
     assert (below.n_checked, below.n_confirmed) == (2, 0)
-    assert sorted(parts_dir(screened / LABELS).glob("*.json")) == parts
+    assert part_paths(level_dir(screened / LABELS)) == parts
     assert [p.stat().st_mtime_ns for p in parts] == stamps
 
 
@@ -88,12 +89,13 @@ def test_rerun_and_other_windows_compute_nothing(verified, screened):
 def test_a_failed_calculation_is_a_row_with_its_reason(screened, tmp_path):
     pytest.importorskip("gpaw")
     results = tmp_path / "results"
-    shutil.copytree(screened, results, ignore=shutil.ignore_patterns("verify*"))
+    shutil.copytree(screened, results, ignore=shutil.ignore_patterns("verify*", LABELS))
     failed = verify(results, WIDE, 1, FAST, timeout=1, progress=False)
     assert (failed.n_checked, failed.n_confirmed, failed.labelling.n_failed) == (0, 0, 1)
     [row] = _table(results)
     assert (row["id"], row["dft_gap"], row["confirmed"]) == ("JVASP-30458", "", "False")
-    assert row["reason"].startswith("timed out after 1 s") and not (results / LABELS).exists()
+    assert row["reason"].startswith("timed out after 1 s")
+    assert read_training_set(level_dir(results / LABELS), graphs=False).ids.size == 0
 
 
 @pytest.mark.dft
@@ -112,9 +114,9 @@ def test_cli_verifies_and_prints_a_summary(shared_data, tiny_model, ray_local, t
             f"{out / TABLE}") in result.output
     [row] = _table(out)
     assert row["id"] == "JVASP-91" and 4.0 < float(row["dft_gap"]) < 4.5
-    assert read_training_set(out / LABELS, graphs=False).attrs["settings"] == {
+    assert read_training_set(level_dir(out / LABELS), graphs=False).attrs["settings"] == {
         "kpt_density": 2.5, "smearing": 0.01, "broadening": 0.1, "grid_spacing": 0.25,
-        "valence": "jarvis"}
+        "valence": "jarvis", "spin": "magnetic-elements"}
 
 
 def test_verify_needs_a_window(tmp_path):

@@ -31,6 +31,8 @@ def check_labels(labels: str | Path, out_dir: str | Path, edos: str | Path | Non
     out.mkdir(parents=True, exist_ok=True)
     ts = read_labels(labels)
     gap = gap_check(ts.extra["gpaw_gap"], ts.ref_gap)
+    if gap["n"]:
+        gap["disagreements"] = disagreements(ts)
     report = {"labels": str(labels), "level_of_theory": ts.attrs.get("level_of_theory"),
               "n_structures": int(ts.ids.size), "gap": gap, "figures": [], "notes": []}
     if gap["n"]:
@@ -87,6 +89,21 @@ def gap_check(gpaw_gap: np.ndarray, ref_gap: np.ndarray) -> dict:
     }
 
 
+def disagreements(ts: TrainingSet) -> list[dict]:
+    """The structures that GPAW and the reference put on different sides of the metal line."""
+    gpaw = np.asarray(ts.extra["gpaw_gap"], np.float64)
+    line = metrics.METAL_BELOW_EV
+    rows = np.flatnonzero(np.isfinite(ts.ref_gap) & ((ts.ref_gap >= line) != (gpaw >= line)))
+    return [{"id": str(ts.ids[i]), "formula": str(ts.formula[i]),
+             "gpaw_gap": float(gpaw[i]), "ref_gap": float(ts.ref_gap[i]), "spin": _spin(ts, i)}
+            for i in rows]
+
+
+def _spin(ts: TrainingSet, row: int) -> str:
+    """A label's spin mode; sets from before spin polarization have no extra/spin."""
+    return str(ts.extra["spin"][row]) if "spin" in ts.extra else "unpolarized"
+
+
 def _correlation(x: np.ndarray, y: np.ndarray) -> float | None:
     """Pearson r, None where it is undefined (fewer than two points or a constant side)."""
     if x.size < 2 or x.std() == 0 or y.std() == 0:
@@ -98,8 +115,8 @@ def dos_check(ts: TrainingSet, jarvis: Labelled, l_rows: np.ndarray, j_rows: np.
               ) -> dict:
     """Per-structure MAE of the GPAW DOS against JARVIS edos_up, on the rows `match` pairs.
 
-    edos_up is one spin channel; for a non-magnetic compound it equals the spin-summed DOS
-    per valence electron that the labels hold, for a magnetic one it does not.
+    Both are the spin-up channel per valence electron; a label made unpolarized (extra/spin)
+    holds half its spin-summed DOS, which for a magnetic compound is not its up channel.
     """
     mae = metrics.spectrum_mae(ts.dos[l_rows], jarvis.dos[j_rows])
     jarvis_gap = np.asarray(band_gap(jarvis.dos[j_rows])[0]) if j_rows.size else np.array([])
@@ -163,7 +180,7 @@ def _dos_overlays(ts: TrainingSet, jarvis: Labelled, l_rows: np.ndarray, j_rows:
     for i, j, mae in zip(l_rows, j_rows, maes):
         fig = Figure(figsize=(7, 4), layout="constrained")
         ax = fig.add_subplot()
-        draw_dos(ax, ts.dos[i], "GPAW PBE, spin-unpolarised", float(ts.extra["vbm"][i]),
+        draw_dos(ax, ts.dos[i], f"GPAW PBE, {_spin(ts, i)}", float(ts.extra["vbm"][i]),
                  float(ts.extra["cbm"][i]), reference=jarvis.dos[j])
         ax.set_title(f"{ts.ids[i]} {ts.formula[i]}: GPAW vs JARVIS edos_up (dashed), "
                      f"MAE {mae:.4f}", fontsize=9)

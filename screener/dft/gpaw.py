@@ -23,7 +23,13 @@ Level of theory, chosen for throughput on CPUs that many structures must share:
   moves by 1% (mean |dDOS| / mean DOS); the total energy moves by 50 meV/atom.
 - Symmetry is found with a 1e-3 A tolerance: JARVIS stores cells rounded to ~1e-5 A, which
   breaks GPAW's default exact matching and multiplies the irreducible k-points (8x for MgO).
-Known limits: no spin polarisation (magnetic compounds get a non-magnetic DOS), PBE
+- Spin: polarized for cells holding an element with an open d or f shell in its usual ions
+  (MAGNETIC_ELEMENTS), unpolarized otherwise, which halves the cost of the rest. JARVIS runs
+  every cell with ISPIN = 2, ferromagnetic; here the start is ferromagnetic too, each
+  magnetic atom at its free atom's Hund's-rule moment (see initial_moments). The label is the
+  spin-up (majority) channel per valence electron, as edos_up; the gap is that of both
+  channels together, as JARVIS's optB88vdW gap.
+Known limits: ferromagnetic only (antiferromagnets come out ferromagnetic or non-magnetic), PBE
 underestimates gaps, and total energies are GPAW's (relative to its atomic references), not
 comparable to VASP's.
 """
@@ -40,7 +46,7 @@ from functools import cache
 
 import numpy as np
 
-from screener.dos import E_MIN, E_STEP, N_BINS, normalize, to_grid, valence_electrons
+from screener.dos import E_MIN, E_STEP, N_BINS, per_valence_electron, to_grid, valence_electrons
 from screener.io import Structure
 
 KPT_DENSITY = 2.5
@@ -53,6 +59,13 @@ PARTIAL_OCCUPATION = 0.01
 # What the DOS is divided by: JARVIS's valence count (dos.valence_electrons), not GPAW's own,
 # whose setups often hold semicore states (Ti: 12 against 10), so labels share edos_up's scale.
 VALENCE = "jarvis"
+# This level of theory's folder under a label root (screener.label_store); a level with other
+# physics (e.g. Hubbard U) gets its own.
+LEVEL = "gpaw-pbe-lcao-dzp"
+SPIN_RULES = ("magnetic-elements", "unpolarized")
+# Ti-Cu, Zr-Pd, Hf-Pt, Ce-Yb. Left out as closed shells in their usual ions: Sc, Y, La (d0),
+# Zn, Cd, Hg, Ag, Au (d10) and Lu (f14).
+MAGNETIC_ELEMENTS = frozenset([*range(22, 30), *range(40, 47), *range(72, 79), *range(58, 71)])
 _FINE_STEP = 0.01
 
 
@@ -65,11 +78,20 @@ class Settings:
     broadening: float = BROADENING
     grid_spacing: float = GRID_SPACING
     valence: str = VALENCE
+    spin: str = SPIN_RULES[0]
 
     def __post_init__(self) -> None:
         if self.valence != VALENCE:
             raise ValueError(f"valence {self.valence!r}: labels are divided by the {VALENCE!r} "
                              "valence count only")
+        if self.spin not in SPIN_RULES:
+            raise ValueError(f"spin {self.spin!r}: one of {SPIN_RULES}")
+
+
+def spin_mode(settings: Settings, numbers: Iterable[int]) -> str:
+    """'polarized' or 'unpolarized': what `settings` make of a cell with these atomic numbers."""
+    polarized = settings.spin == "magnetic-elements" and not MAGNETIC_ELEMENTS.isdisjoint(numbers)
+    return "polarized" if polarized else "unpolarized"
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,24 @@ class Label:
     kpts: tuple[int, int, int]
     n_electrons: float
     wall_time: float
+    cpu_time: float
+    spin: str
+    magmom: float
+
+
+def initial_moments(numbers: np.ndarray) -> np.ndarray:
+    """The ferromagnetic start of a polarized calculation, muB per atom: on each atom of a
+    MAGNETIC_ELEMENTS element its free atom's Hund's-rule moment (Mn 5, Fe 4, Co 3, ...), on
+    the others none.
+
+    VASP's start, 1 muB on every atom, fails here: GPAW builds the first density from atomic
+    orbitals of the basis, which cannot hold a moment on a closed shell (Be 2s2: "Bad basis"),
+    and it left FeCl2 non-magnetic where the Hund start finds high-spin Fe2+.
+    """
+    from ase.data import ground_state_magnetic_moments
+
+    z = np.asarray(numbers)
+    return np.where(np.isin(z, list(MAGNETIC_ELEMENTS)), ground_state_magnetic_moments[z], 0.0)
 
 
 def kpoint_grid(atoms, density: float) -> tuple[int, int, int]:
@@ -153,11 +193,15 @@ def _calculate(atoms, settings: Settings, txt: str | None) -> Label:
     from ase.dft.bandgap import GapInfo
     from gpaw import GPAW, KohnShamConvergenceError
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     kpts = kpoint_grid(atoms, settings.kpt_density)
+    spin = spin_mode(settings, atoms.get_atomic_numbers().tolist())
+    if spin == "polarized":
+        atoms.set_initial_magnetic_moments(initial_moments(atoms.get_atomic_numbers()))
     atoms.calc = GPAW(mode="lcao", basis="dzp", xc="PBE", kpts={"size": kpts, "gamma": True},
                       occupations={"name": "fermi-dirac", "width": settings.smearing},
-                      h=settings.grid_spacing, symmetry={"tolerance": SYMMETRY_TOLERANCE}, txt=txt)
+                      h=settings.grid_spacing, symmetry={"tolerance": SYMMETRY_TOLERANCE},
+                      spinpol=spin == "polarized", txt=txt)
     try:
         energy = atoms.get_potential_energy()
     except KohnShamConvergenceError as error:
@@ -166,22 +210,26 @@ def _calculate(atoms, settings: Settings, txt: str | None) -> Label:
     n_electrons = float(calc.get_number_of_electrons())
     gap, vbm, cbm = _gap_edges(GapInfo.fromcalc(calc)) if _filled(calc) else (0.0, 0.0, 0.0)
     zero = vbm + min(gap / 2, GAP_ZERO_OFFSET) if gap > 0 else 0.0
-    dos = normalize(total_dos(calc, settings.broadening, zero),
-                    valence_electrons(atoms.get_atomic_numbers()))
+    dos = per_valence_electron(spin_up_dos(calc, settings.broadening, zero),
+                               valence_electrons(atoms.get_atomic_numbers()))
+    magmom = float(calc.get_magnetic_moment()) if spin == "polarized" else 0.0
     return Label(dos=dos,
                  gap=gap, vbm=vbm - zero, cbm=cbm - zero,
                  e_fermi=float(calc.get_fermi_level()) + zero, energy=float(energy), kpts=kpts,
-                 n_electrons=n_electrons, wall_time=time.perf_counter() - start)
+                 n_electrons=n_electrons, wall_time=time.perf_counter() - start,
+                 cpu_time=time.process_time() - cpu_start, spin=spin,
+                 magmom=magmom)
 
 
-def total_dos(calc, broadening: float, zero: float = 0.0) -> np.ndarray:
-    """Spin-summed DOS (states/eV per cell) on ENERGY_GRID, energies relative to E_F + zero.
+def spin_up_dos(calc, broadening: float, zero: float = 0.0) -> np.ndarray:
+    """The spin-up channel's DOS (states/eV per cell) on ENERGY_GRID, energies relative to
+    E_F + zero; of an unpolarized calculation, its one channel (half the spin-summed DOS).
 
     Evaluated on a 0.01 eV mesh reaching one eV past the grid, then bin-averaged by to_grid,
     so Gaussians centred just outside the window still contribute their tails.
     """
     fine = np.arange(E_MIN - 1.0, E_MIN + N_BINS * E_STEP + 1.0, _FINE_STEP)
-    return to_grid(fine, calc.dos().raw_dos(fine + zero, width=broadening))
+    return to_grid(fine, calc.dos().raw_dos(fine + zero, spin=0, width=broadening))
 
 
 def _filled(calc) -> bool:
@@ -190,8 +238,9 @@ def _filled(calc) -> bool:
     ASE's eigenvalue test alone calls a level lying at E_F occupied and finds a gap above it:
     it gives the half-filled 3p shell of an isolated Si atom a 6.7 eV gap.
     """
-    occupations = np.array([calc.get_occupation_numbers(k, raw=True)
-                            for k in range(len(calc.get_ibz_k_points()))])
+    occupations = np.array([calc.get_occupation_numbers(k, s, raw=True)
+                            for k in range(len(calc.get_ibz_k_points()))
+                            for s in range(calc.get_number_of_spins())])
     return bool(np.all(np.minimum(occupations, 1 - occupations) < PARTIAL_OCCUPATION))
 
 
@@ -269,7 +318,11 @@ def provenance(settings: Settings) -> dict:
     """The training-set provenance of labels made with these settings."""
     return {
         "code": f"GPAW {gpaw_version()}", "xc": "PBE", "mode": "LCAO dzp",
-        "level_of_theory": "DFT, GPAW, PBE, LCAO dzp", "spin": "unpolarised",
+        "level_of_theory": "DFT, GPAW, PBE, LCAO dzp",
+        "spin": ("polarized (ferromagnetic start, free-atom Hund's-rule moments on the "
+                 "magnetic atoms) where the cell holds one of gpaw.MAGNETIC_ELEMENTS, "
+                 "unpolarized otherwise (extra/spin)"
+                 if settings.spin == "magnetic-elements" else "unpolarized"),
         "kpt_density": settings.kpt_density,
         "kpts": "gamma-centred Monkhorst-Pack from the ASE density (N_i * a_i >= 2 pi * "
                 "kpt_density A), N_i > 1 rounded up to even",
@@ -277,9 +330,10 @@ def provenance(settings: Settings) -> dict:
         "broadening": f"Gaussian exp(-((E - e)/w)^2), w = {settings.broadening} eV",
         "grid_spacing": f"{settings.grid_spacing} A",
         "symmetry_tolerance": f"{SYMMETRY_TOLERANCE} A",
-        "dos": "GPAW total DOS, both spins, bin-averaged onto the grid, divided by 2 x the "
-               "JARVIS valence electron count (dos.valence_electrons; GPAW's own count, "
-               "semicore included, is extra/n_electrons)",
+        "dos": "GPAW spin-up DOS (of an unpolarized cell: half the total), bin-averaged onto "
+               "the grid, divided by the JARVIS valence electron count (dos.valence_electrons; "
+               "GPAW's own count, semicore included, is extra/n_electrons)",
+        "gap": "of both spin channels together; extra/magmom: total moment, muB per cell",
         "energy_zero": f"E_F for metals, VBM + min(gap/2, {GAP_ZERO_OFFSET} eV) in a gap "
                        "(extra/e_fermi holds it)",
         "settings": asdict(settings),

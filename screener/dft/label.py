@@ -1,11 +1,12 @@
 """Label structures with DFT (GPAW, see screener.dft.gpaw): one Ray task per structure, crash-safe.
 
-A label costs minutes, so every finished structure, labelled or failed, is written at once to
-`<out>.parts/` as a small JSON file (tmp + rename): a killed run loses only the calculations in
-flight, and a rerun skips every structure that has a part. `export` turns the parts into the
-training-set HDF5; an exported set found without its parts (a committed or copied file) is
-turned back into parts first, so it resumes too. Each calculation runs in a child process of its
-task, so a wall-time limit can kill it without taking the Ray worker, or the run, down with it.
+`out` is a label root: labels of this level of theory go to `<out>/<gpaw.LEVEL>/` as immutable
+parts (screener.training.label_store), one new part per run. A label costs minutes, so each finished
+structure, labelled or failed, is first written alone to the work folder
+`<out>/<gpaw.LEVEL>.work/` (JSON, tmp + rename): a killed run loses only the calculations in
+flight, and a rerun skips every structure that has a result there or in a part; `export` turns
+the work folder into the next part. Each calculation runs in a child process of its task, so a
+wall-time limit can kill it without taking the Ray worker, or the run, down with it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -25,17 +27,21 @@ import numpy as np
 import ray
 
 from screener.dft import acquire
-from screener.dft.gpaw import Settings, calculate_with_timeout, missing_basis, provenance
+from screener.dft.gpaw import (
+    LEVEL,
+    Settings,
+    calculate_with_timeout,
+    missing_basis,
+    provenance,
+    spin_mode,
+)
+from screener.dos import N_BINS
 from screener.errors import ScreenerError
 from screener.io import Failure, Source, Structure, discover, load, read_records
 from screener.io.files import atomic_path
 from screener.io.records import JARVIS_GAP_KEY, parse_origin, reference_gap
-from screener.training.dataset import (
-    TrainingSet,
-    read_structures,
-    read_training_set,
-    write_training_set,
-)
+from screener.training import label_store
+from screener.training.dataset import read_structures, read_training_set
 
 ORDERS = ("input", "small-first", "gap-balanced", "uncertainty")
 GAPPED_ABOVE = 0.1
@@ -43,9 +49,8 @@ STAGE = "label"
 LOST = "Ray task lost"  # the worker or node died: not the structure's fault, so tried again
 TIMEOUT = 600.0
 _SETTINGS_FILE = "settings.json"
-# training-set extra/<name> -> part key
-_EXTRA_FLOATS = {"gpaw_gap": "gap", "vbm": "vbm", "cbm": "cbm", "e_fermi": "e_fermi",
-                 "energy": "energy", "n_electrons": "n_electrons", "wall_time": "wall_time"}
+# label_store extra/<name> -> key of a work-folder result
+_EXTRA = {"gpaw_gap": "gap", **{name: name for name in label_store.EXTRA if name != "gpaw_gap"}}
 
 
 @dataclass
@@ -68,10 +73,14 @@ class ExportSummary:
     n_failed: int
 
 
-def parts_dir(out: str | Path) -> Path:
-    """The work folder of an output file: labels.h5 -> labels.h5.parts/."""
-    out = Path(out)
-    return out.with_name(out.name + ".parts")
+def level_dir(out: str | Path) -> Path:
+    """The label folder of this level of theory under the label root `out`."""
+    return Path(out) / LEVEL
+
+
+def work_dir(level: Path) -> Path:
+    """Where a run keeps each finished structure until it is exported: <level>.work/."""
+    return level.with_name(level.name + ".work")
 
 
 def label(structures: str | Path, out: str | Path, settings: Settings | None = None, *,
@@ -90,36 +99,36 @@ def label_inputs(selected: list[tuple[Structure | Failure, float]], out: str | P
                  settings: Settings | None = None, *, address: str | None = None,
                  workers: int | None = None, timeout: float = TIMEOUT,
                  retry_failed: bool = False, progress: bool = True) -> LabelSummary:
-    """Label every input that has no part yet, then export all parts to `out`. A structure whose
-    task Ray lost is tried again; other failures only with `retry_failed`."""
+    """Label every input without a current label or failure under the label root `out`, then
+    add what finished as a new part. A structure whose task Ray lost is tried again; other
+    failures only with `retry_failed`; labels whose spin mode `settings` no longer choose
+    (see _needs_label) are redone."""
     from tqdm import tqdm
 
     require_gpaw()
     start = time.perf_counter()
     settings = settings or Settings()
-    parts = parts_dir(out)
-    adopt_export(out, settings)
-    _check_settings(parts, settings)
-    found = read_parts(parts)
-    done = {p["id"] for p in found
-            if p["status"] == "ok" or not (retry_failed or p["reason"].startswith(LOST))}
+    work = work_dir(level_dir(out))
+    _check_settings(level_dir(out), work, settings)
+    done = {structure_id for structure_id, result in latest_results(out).items()
+            if not _needs_label(result, settings, retry_failed)}
     n_already = sum(item.id in done for item, _ in selected)
     summary = LabelSummary(n_selected=len(selected), n_already=n_already)
     todo = [(item, ref_gap) for item, ref_gap in selected if item.id not in done]
     with tqdm(total=len(todo), desc="label", unit="structure", disable=not progress) as bar:
-        def record(part: dict) -> None:
-            _record(parts, part, summary)
+        def record(result: dict) -> None:
+            _record(work, result, summary)
             bar.set_postfix(done=summary.n_labelled, failed=summary.n_failed, refresh=False)
             bar.update()
 
         for item, ref_gap in todo:
             if isinstance(item, Failure):
-                record(_failure_part(item, ref_gap, 0.0))
+                record(_failure_result(item, ref_gap, 0.0))
         structures_todo = [(item, gap) for item, gap in todo if not isinstance(item, Failure)]
         if structures_todo:
-            _run_tasks(structures_todo, parts, settings, address, workers, timeout, record)
+            _run_tasks(structures_todo, work, settings, address, workers, timeout, record)
     summary.seconds = time.perf_counter() - start
-    if summary.n_labelled or any(p["status"] == "ok" for p in found):
+    if any(map(_exportable, read_results(work))):
         summary.exported = export(out)
     return summary
 
@@ -226,7 +235,7 @@ def select(items: list[tuple[Structure | Failure, float]], order: str, limit: in
 
 def uncertainty_first(items: list[tuple[Structure, float]], model: str | Path,
                       labelled: Sequence[np.ndarray]) -> list[tuple[Structure, float]]:
-    """Where the model's gap ensemble disagrees most first (screener.acquire)."""
+    """Where the model's gap ensemble disagrees most first (screener.dft.acquire)."""
     structures = [item for item, _ in items]
     scores = acquire.ensemble_disagreement(model, structures)
     order = acquire.uncertainty_order(scores, [s.numbers for s in structures],
@@ -235,13 +244,8 @@ def uncertainty_first(items: list[tuple[Structure, float]], model: str | Path,
 
 
 def labelled_numbers(out: str | Path) -> list[np.ndarray]:
-    """Atomic numbers of each structure labelled into `out` so far (its parts, else the file)."""
-    found = [p for p in read_parts(parts_dir(out)) if p["status"] == "ok"]
-    if found:
-        return [np.asarray(p["numbers"]) for p in found]
-    if Path(out).exists():
-        return [s.numbers for s in read_structures(out)]
-    return []
+    """Atomic numbers of each structure labelled under the label root `out` so far."""
+    return [np.asarray(r["numbers"]) for r in latest_results(out).values() if r["status"] == "ok"]
 
 
 def small_first(items: list[tuple[Structure, float]]) -> list[tuple[Structure, float]]:
@@ -292,7 +296,7 @@ def element_cover(items: list[tuple[Structure, float]]
     return cover, rest
 
 
-def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Settings,
+def _run_tasks(todo: list[tuple[Structure, float]], work: Path, settings: Settings,
                address: str | None, workers: int | None, timeout: float,
                record: Callable[[dict], None]) -> None:
     """Keep `workers` tasks in flight (one CPU each) and record each result as it arrives.
@@ -306,7 +310,7 @@ def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Setti
 
     connect(address)
     slots = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    logs = str(parts / "logs")
+    logs = str(work / "logs")
     queue = iter(todo)
     in_flight = {}
     raylet_died: ray.exceptions.LocalRayletDiedError | None = None
@@ -321,29 +325,30 @@ def _run_tasks(todo: list[tuple[Structure, float]], parts: Path, settings: Setti
             raylet_died = error
         except ray.exceptions.RayError as error:
             failure = Failure(structure.id, structure.source, STAGE, f"{LOST}: {error}")
-            record(_failure_part(failure, ref_gap, 0.0, structure))
+            record(_failure_result(failure, ref_gap, 0.0, structure))
         if raylet_died is None:
             for item in itertools.islice(queue, 1):
                 in_flight[label_task.remote(*item, settings, timeout, logs)] = item
     if raylet_died is not None:
         raise ScreenerError(f"this machine's Ray node stopped ({raylet_died}); every finished "
-                            f"structure is kept in {parts}/ and a rerun labels the rest")
+                            f"structure is kept in {work}/ and a rerun labels the rest")
 
 
 @ray.remote(num_cpus=1, max_retries=0)
 def label_task(structure: Structure, ref_gap: float, settings: Settings, timeout: float,
                logs: str) -> dict:
-    """One structure's part. Its GPAW log is kept (in `logs`, on the worker) only on failure."""
+    """One structure's result. Its GPAW log is kept (in `logs`, on the worker) only on failure."""
     start = time.perf_counter()
     log = Path(logs) / f"{_key(structure.id)}.txt"
     log.parent.mkdir(parents=True, exist_ok=True)
     result = calculate_with_timeout(structure, settings, timeout, str(log))
     if isinstance(result, str):
         failure = Failure(structure.id, structure.source, STAGE, f"{result} (log: {log})")
-        return _failure_part(failure, ref_gap, time.perf_counter() - start, structure)
+        return _failure_result(failure, ref_gap, time.perf_counter() - start, structure)
     log.unlink(missing_ok=True)
     fields = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in asdict(result).items()}
-    return {**_structure_fields(structure), "status": "ok", "ref_gap": ref_gap, **fields}
+    return {**_structure_fields(structure), "status": "ok", "ref_gap": ref_gap, **fields,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def _structure_fields(structure: Structure) -> dict:
@@ -352,7 +357,7 @@ def _structure_fields(structure: Structure) -> dict:
             "numbers": structure.numbers.tolist()}
 
 
-def _failure_part(failure: Failure, ref_gap: float, wall_time: float,
+def _failure_result(failure: Failure, ref_gap: float, wall_time: float,
                   structure: Structure | None = None) -> dict:
     fields = _structure_fields(structure) if structure is not None else {}
     return {**fields, "id": failure.id, "source": failure.source, "status": "failed",
@@ -360,13 +365,13 @@ def _failure_part(failure: Failure, ref_gap: float, wall_time: float,
             "wall_time": wall_time}
 
 
-def _record(parts: Path, part: dict, summary: LabelSummary) -> None:
-    write_part(parts, part)
-    if part["status"] == "ok":
+def _record(work: Path, result: dict, summary: LabelSummary) -> None:
+    write_result(work, result)
+    if result["status"] == "ok":
         summary.n_labelled += 1
     else:
         summary.n_failed += 1
-        summary.failures.append(_as_failure(part))
+        summary.failures.append(_as_failure(result))
 
 
 def _key(structure_id: str) -> str:
@@ -374,134 +379,147 @@ def _key(structure_id: str) -> str:
     return hashlib.sha1(structure_id.encode()).hexdigest()[:20]
 
 
-def _part_path(parts: Path, structure_id: str) -> Path:
-    return parts / f"{_key(structure_id)}.json"
+def _result_path(work: Path, structure_id: str) -> Path:
+    return work / f"{_key(structure_id)}.json"
 
 
-def write_part(parts: Path, part: dict) -> None:
-    """Write one structure's part durably (io.files.atomic_path)."""
-    parts.mkdir(parents=True, exist_ok=True)
-    with atomic_path(_part_path(parts, part["id"])) as tmp, open(tmp, "w") as f:
-        json.dump(part, f)
+def write_result(work: Path, result: dict) -> None:
+    """Write one structure's result durably (io.files.atomic_path)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with atomic_path(_result_path(work, result["id"])) as tmp, open(tmp, "w") as f:
+        json.dump(result, f)
 
 
-def read_part(parts: Path, structure_id: str) -> dict:
-    """One structure's finished part; FileNotFoundError if it has none."""
-    with open(_part_path(parts, structure_id)) as f:
-        return json.load(f)
-
-
-def read_parts(parts: Path) -> list[dict]:
-    """Every finished part, sorted by id (the order of the exported training set)."""
-    if not parts.is_dir():
+def read_results(work: Path) -> list[dict]:
+    """Every result in the work folder, sorted by id."""
+    if not work.is_dir():
         return []
     found = []
-    for path in parts.glob("*.json"):
+    for path in work.glob("*.json"):
         if path.name != _SETTINGS_FILE:
             with open(path) as f:
                 found.append(json.load(f))
-    return sorted(found, key=lambda part: part["id"])
+    return sorted(found, key=lambda result: result["id"])
 
 
-def _check_settings(parts: Path, settings: Settings) -> None:
-    """Refuse to resume with other settings: one training set, one level of theory."""
-    parts.mkdir(parents=True, exist_ok=True)
-    path = parts / _SETTINGS_FILE
+def latest_results(out: str | Path) -> dict[str, dict]:
+    """Per structure id, its newest entry under the label root `out`: a work-folder result, else
+    the newest label or later failure of the parts, with the keys the resume rule reads
+    (status, gap, spin, numbers; stage and reason of a failure)."""
+    level = level_dir(out)
+    latest: dict[str, dict] = {}
+    if label_store.part_paths(level):
+        found = label_store.newest(level)
+        for structure_id, p, r in zip(found.ids.tolist(), found.part, found.row):
+            records = found.parts[p].records
+            latest[structure_id] = {
+                "id": structure_id, "status": "ok", "gap": float(records.extra["gpaw_gap"][r]),
+                "spin": str(records.extra["spin"][r]),
+                "numbers": records.structures[r].numbers.tolist()}
+        for failure in found.failed.values():
+            latest[failure.id] = _failure_result(failure, math.nan, 0.0)
+    latest.update((result["id"], result) for result in read_results(work_dir(level)))
+    return latest
+
+
+def _needs_label(result: dict, settings: Settings, retry_failed: bool) -> bool:
+    """A label is redone when `settings` now choose another spin mode for it (an unpolarized
+    label of a cell with magnetic elements); a failure with --retry-failed or a lost task."""
+    if result["status"] == "ok":
+        return result["spin"] != spin_mode(settings, result["numbers"])
+    return retry_failed or result["reason"].startswith(LOST)
+
+
+def _check_settings(level: Path, work: Path, settings: Settings) -> None:
+    """Refuse to mix levels of theory: the folder's parts must share every setting but the spin
+    rule (which only decides which labels are redone), and unexported work all of them."""
+    _check_level(level, settings)
     wanted = asdict(settings)
-    if path.exists():
-        _refuse_other_settings(parts, json.loads(path.read_text()), wanted)
-    else:
-        path.write_text(json.dumps(wanted))
+    path = work / _SETTINGS_FILE
+    if path.exists() and read_results(work):
+        _refuse_other_settings(work, json.loads(path.read_text()), wanted)
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted))
 
 
-def _refuse_other_settings(where: Path, stored: dict | None, wanted: dict) -> None:
-    if stored != wanted:
+def _check_level(level: Path, settings: Settings) -> None:
+    paths = label_store.part_paths(level)
+    if paths:
+        stored = label_store.read_part(paths[-1]).provenance["settings"]
+        _refuse_other_settings(level, stored, asdict(settings), ignore=("spin",))
+
+
+def _refuse_other_settings(where: Path, stored: dict, wanted: dict, ignore=()) -> None:
+    def level(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in ignore}
+
+    if level(stored) != level(wanted):
         raise ValueError(f"{where} was labelled with {stored}, not {wanted}: use another output "
                          "or the same settings")
 
 
-def _as_failure(part: dict) -> Failure:
-    return Failure(part["id"], part["source"], part["stage"], part["reason"])
+def _as_failure(result: dict) -> Failure:
+    return Failure(result["id"], result["source"], result["stage"], result["reason"])
 
 
 def export(out: str | Path) -> ExportSummary:
-    """Consolidate the parts into the training set `out`; failures go to `<out>.failures.csv`."""
-    out = Path(out)
-    parts = parts_dir(out)
-    found = read_parts(parts)
-    ok = [p for p in found if p["status"] == "ok"]
-    failed = [_as_failure(p) for p in found if p["status"] != "ok"]
-    if not ok:
-        raise ValueError(f"{parts}: no labelled structure to export")
-    settings = Settings(**json.loads((parts / _SETTINGS_FILE).read_text()))
-    structures = [Structure(p["id"], p["source"], np.array(p["lattice"]),
-                            np.array(p["positions"]).reshape(-1, 3),
-                            np.array(p["numbers"], dtype=np.int64)) for p in ok]
-    meta = {**provenance(settings), "source": f"screen label ({parts})",
-            "ref_gap": f"JARVIS {JARVIS_GAP_KEY} of the input record, NaN where it has none",
-            "n_failed": len(failed)}
-    write_training_set(out, structures, np.array([p["dos"] for p in ok]),
-                       np.array([p["ref_gap"] for p in ok], dtype=np.float32), meta,
-                       extra=_extra(ok))
-    _write_failures(_failures_path(out), failed)
-    return ExportSummary(out, len(ok), len(failed))
+    """Add the work folder's results to the label folder as a new part, then clear them;
+    a lost task is left out (_exportable), so the next run redoes it."""
+    level = level_dir(out)
+    work = work_dir(level)
+    results = [r for r in read_results(work) if _exportable(r)]
+    if not results:
+        raise ValueError(f"{work}: no finished structure to export")
+    settings = Settings(**json.loads((work / _SETTINGS_FILE).read_text()))
+    ok = [r for r in results if r["status"] == "ok"]
+    failed = [_as_failure(r) for r in results if r["status"] != "ok"]
+    path = label_store.write_part(level, _part_records(ok), failed, _provenance(settings))
+    for result in read_results(work):
+        _result_path(work, result["id"]).unlink()
+    return ExportSummary(path, len(ok), len(failed))
 
 
-def adopt_export(out: str | Path, settings: Settings) -> int:
-    """Write a part for each structure, labelled or failed, that the exported `out` (and its
-    failures csv) holds and `out`'s parts folder lacks; return how many.
-
-    Without this a fresh clone of a committed training set would label it all again, and its
-    first export would overwrite the file with only the new structures.
-    """
-    out = Path(out)
-    if not out.exists():
-        return 0
-    data = read_training_set(out, graphs=False)
-    _refuse_other_settings(out, data.attrs.get("settings"), asdict(settings))
-    parts = parts_dir(out)
-    _check_settings(parts, settings)
-    have = {p["id"] for p in read_parts(parts)}
-    adopted = [p for p in _failed_parts(out) if p["id"] not in have]
-    if not have.issuperset(data.ids):
-        adopted += _exported_parts(out, data, have)
-    for part in adopted:
-        write_part(parts, part)
-    return len(adopted)
+def _exportable(result: dict) -> bool:
+    """A lost task says nothing about the structure: it stays out of the parts."""
+    return result["status"] == "ok" or not result["reason"].startswith(LOST)
 
 
-def _exported_parts(out: Path, data: TrainingSet, skip: set[str]) -> Iterator[dict]:
-    """A part per structure of the file whose id is not in `skip`."""
-    for i, structure in enumerate(read_structures(out)):
-        if structure.id in skip:
-            continue
-        label = {key: data.extra[name][i].tolist() for name, key in _EXTRA_FLOATS.items()}
-        yield {**_structure_fields(structure), "status": "ok", "ref_gap": float(data.ref_gap[i]),
-               "dos": data.dos[i].tolist(), "kpts": data.extra["kpts"][i].tolist(), **label}
+def _part_records(ok: list[dict]) -> label_store.Records:
+    structures = [Structure(r["id"], r["source"], np.array(r["lattice"]),
+                            np.array(r["positions"]).reshape(-1, 3),
+                            np.array(r["numbers"], dtype=np.int64)) for r in ok]
+    extra = {name: np.array([r[key] for r in ok]) for name, key in _EXTRA.items()}
+    return label_store.Records(structures, np.array([r["dos"] for r in ok]).reshape(-1, N_BINS),
+                               np.array([r["ref_gap"] for r in ok]), extra)
 
 
-def _failed_parts(out: Path) -> Iterator[dict]:
-    path = _failures_path(out)
-    if path.exists():
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                failure = Failure(row["id"], row["source"], row["stage"], row["reason"])
-                yield _failure_part(failure, math.nan, 0.0)
+def _provenance(settings: Settings) -> dict:
+    return {**provenance(settings), "source": "screen label",
+            "ref_gap": f"JARVIS {JARVIS_GAP_KEY} of the input record, NaN where it has none"}
 
 
-def _failures_path(out: Path) -> Path:
-    return out.with_name(out.name.removesuffix(".h5") + ".failures.csv")
+def import_training_set(path: str | Path, out: str | Path) -> ExportSummary:
+    """A training set exported by an earlier `screen label` (one .h5 and its .failures.csv,
+    spin-unpolarized) as a new part of the label root `out`."""
+    path = Path(path)
+    data = read_training_set(path, graphs=False)
+    settings = Settings(**{**data.attrs["settings"], "spin": "unpolarized"})
+    n = len(data.ids)
+    extra = {name: data.extra[name] for name in _EXTRA if name in data.extra}
+    extra.update(cpu_time=np.full(n, np.nan), magmom=np.zeros(n),
+                 spin=np.full(n, "unpolarized"), finished=np.full(n, data.attrs["created"]))
+    records = label_store.Records(read_structures(path), data.dos, data.ref_gap, extra)
+    failures = _read_failures_csv(path.with_name(path.name.removesuffix(".h5") + ".failures.csv"))
+    level = level_dir(out)
+    _check_level(level, settings)
+    part = label_store.write_part(level, records, failures,
+                                  {**_provenance(settings), "source": f"imported from {path}"})
+    return ExportSummary(part, n, len(failures))
 
 
-def _extra(ok: list[dict]) -> dict[str, np.ndarray]:
-    """Per-structure DFT results beside the DOS: eV, relative to the energy zero e_fermi."""
-    extra = {name: np.array([p[key] for p in ok]) for name, key in _EXTRA_FLOATS.items()}
-    extra["kpts"] = np.array([p["kpts"] for p in ok], dtype=np.int64)
-    return extra
-
-
-def _write_failures(path: Path, failed: list[Failure]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "source", "stage", "reason"])
-        writer.writerows([f.id, f.source, f.stage, f.reason] for f in failed)
+def _read_failures_csv(path: Path) -> list[Failure]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [Failure(row["id"], row["source"], row["stage"], row["reason"])
+                for row in csv.DictReader(f)]

@@ -1,8 +1,8 @@
 """Check the top of a shortlist with DFT, the ALIGNN-DOS workflow: screen by ML, confirm by GPAW.
 
-The chosen structures are labelled by screener.dft.label into `<results>/verify.h5`, a training set
-for `screen train`; its parts folder keeps every finished structure, so a rerun, or one with
-another N or window, computes only structures it has not seen. `<results>/verify.csv` compares
+The chosen structures are labelled by screener.dft.label under the label root `<results>/labels/`,
+a training set for `screen train` (its level folder); a rerun, or one with another N or window,
+computes only structures it has not seen. `<results>/verify.csv` compares
 each predicted gap with the DFT gap; having id and source columns, it is also a shortlist that
 `screen label` takes (e.g. to retry failures with a longer --timeout).
 """
@@ -18,15 +18,14 @@ from screener.dft.label import (
     TIMEOUT,
     LabelSummary,
     label_inputs,
+    latest_results,
     load_inputs,
-    parts_dir,
-    read_part,
     shortlist_sources,
 )
 from screener.results.query import query
 from screener.results.tables import write_csv
 
-LABELS = "verify.h5"
+LABELS = "labels"
 TABLE = "verify.csv"
 SHOWN = ("id", "formula", "predicted_gap", "dft_gap", "confirmed", "reason")
 
@@ -67,7 +66,7 @@ def rank(gaps: np.ndarray, ids: np.ndarray, window: tuple[float, float],
 def verify(results_dir: str | Path, window: tuple[float, float], n: int,
            settings: Settings | None = None, *, address: str | None = None,
            timeout: float = TIMEOUT, progress: bool = True) -> Verification:
-    """DFT-label the top `n` structures of the window's shortlist; write verify.h5, verify.csv."""
+    """DFT-label the top `n` structures of the window's shortlist into labels/; write verify.csv."""
     results_dir = Path(results_dir)
     shortlist = query(results_dir, bandgap=window, sort=None)
     top = rank(shortlist["band_gap"], shortlist["ids"], window, shortlist["p_in_window"])[:n]
@@ -75,7 +74,8 @@ def verify(results_dir: str | Path, window: tuple[float, float], n: int,
     labels = results_dir / LABELS
     labelling = label_inputs(load_inputs(shortlist_sources(ids, sources)), labels, settings,
                              address=address, timeout=timeout, progress=progress)
-    done = [read_part(parts_dir(labels), str(i)) for i in ids]
+    latest = latest_results(labels)
+    done = [latest[str(i)] for i in ids]
     dft_gap = np.array([p["gap"] if p["status"] == "ok" else np.nan for p in done], dtype=float)
     lo, hi = window
     rows = {"id": ids, "source": sources, "formula": shortlist["formula"][top],

@@ -111,7 +111,7 @@ def read_column(f: h5py.File, name: str) -> np.ndarray:
         read_dataset(f["band_gap"]))
 
 
-def _write_failures(f: h5py.File, failures: Sequence[Failure]) -> None:
+def write_failures(f: h5py.File, failures: Sequence[Failure]) -> None:
     group = f.create_group("failures")
     for name, field in zip(FAILURE_FIELDS, ("id", "source", "stage", "reason")):
         create_dataset(group, name, np.array([getattr(x, field) for x in failures], dtype=STR), {})
@@ -161,7 +161,7 @@ def write_graph_shard(path: str | Path, structures: Sequence[Structure], graphs:
         for name, col in columns.items():
             create_dataset(f, name, col, {})
         write_graphs(f.create_group("graphs"), graphs)
-        _write_failures(f, failures)
+        write_failures(f, failures)
     return writer.info
 
 
@@ -193,7 +193,7 @@ def write_prediction_shard(path: str | Path, table: dict[str, Any], failures: Se
         for name, col in columns.items():
             chunks = (min(n, DOS_CHUNK_ROWS), width) if name == "dos" else True
             create_dataset(f, name, col, {**PREDICTION_FILTER, "chunks": chunks})
-        _write_failures(f, failures)
+        write_failures(f, failures)
     return writer.info
 
 

@@ -180,10 +180,13 @@ def _write(f: h5py.File, structures, graphs, dos, ref_gap, provenance, extra, se
 def _write_structures(group: h5py.Group, structures: list[Structure]) -> None:
     """Cells as ragged arrays, so graphs can be rebuilt (another k, a fixed graph builder)."""
     sizes = np.array([len(s.numbers) for s in structures], dtype=np.int64)
-    create_dataset(group, "lattice", np.stack([s.lattice for s in structures]), {})
-    create_dataset(group, "positions", np.concatenate([s.positions for s in structures]),
+    create_dataset(group, "lattice",
+                   np.array([s.lattice for s in structures], np.float64).reshape(-1, 3, 3), {})
+    create_dataset(group, "positions",
+                   np.concatenate([np.empty((0, 3))] + [s.positions for s in structures]),
                    {"compression": "gzip"})
-    create_dataset(group, "numbers", np.concatenate([s.numbers for s in structures]),
+    create_dataset(group, "numbers",
+                   np.concatenate([np.empty(0, np.int64)] + [s.numbers for s in structures]),
                    {"compression": "gzip"})
     create_dataset(group, "atom_offsets", np.concatenate([[0], np.cumsum(sizes)]), {})
 
@@ -202,8 +205,7 @@ def write_subset(data: str | Path, train_rows: np.ndarray, path: str | Path, not
     if not np.isin(train_rows, ts.split["train"]).all():
         raise ValueError("a subset keeps training rows only from the training split")
     keep = np.sort(np.concatenate([train_rows, ts.split["val"], ts.split["test"]]))
-    with _open(data) as f:
-        provenance = json.loads(f.attrs["provenance"])
+    provenance = {k: v for k, v in ts.attrs.items() if k not in ("split_seed", "split_method")}
     structures = read_structures(data)
     write_training_set(path, [structures[i] for i in keep], ts.dos[keep], ts.ref_gap[keep],
                        {**provenance, "subset_of": str(data), **note},
@@ -212,7 +214,12 @@ def write_subset(data: str | Path, train_rows: np.ndarray, path: str | Path, not
 
 
 def read_training_set(path: str | Path, graphs: bool = True) -> TrainingSet:
-    """The whole set; `graphs=False` skips the large graph arrays (see `read_set_graphs`)."""
+    """The whole set, from a file or a label folder (screener.label_store); `graphs=False`
+    skips the large graph arrays (see `read_set_graphs`)."""
+    if Path(path).is_dir():
+        from screener.training import label_store  # it builds on this module
+
+        return label_store.read_label_set(path, graphs)
     with _open(path) as f:
         split = f["split"]
         return TrainingSet(
@@ -234,22 +241,45 @@ def read_set_graphs(path: str | Path, indices: np.ndarray) -> list[dict]:
 
     Copies, since read_graphs returns views into the whole span it read.
     """
+    if Path(path).is_dir():
+        from screener.training import label_store
+
+        return label_store.read_label_graphs(path, indices)
     with _open(path) as f:
         graphs = read_graphs(f["graphs"], np.asarray(indices))
     return [{name: array.copy() for name, array in g.items()} for g in graphs]
 
 
 def read_structures(path: str | Path) -> list[Structure]:
-    """The stored cells as Structures, in file order."""
+    """The stored cells as Structures, in row order."""
+    if Path(path).is_dir():
+        from screener.training import label_store
+
+        return label_store.read_label_structures(path)
     with _open(path) as f:
-        group = f["structures"]
-        ids = f["ids"].asstr()[()]
-        offsets = group["atom_offsets"][()]
-        lattice, positions, numbers = (group[k][()] for k in ("lattice", "positions", "numbers"))
-    return [Structure(id=str(sid), source=record_origin(path, i), lattice=lattice[i],
+        ids = f["ids"].asstr()[()].astype(str)
+        return read_structures_group(f["structures"], ids,
+                                     [record_origin(path, i) for i in range(len(ids))])
+
+
+def read_structures_group(group: h5py.Group, ids, sources) -> list[Structure]:
+    """Inverse of _write_structures."""
+    offsets = group["atom_offsets"][()]
+    lattice, positions, numbers = (group[k][()] for k in ("lattice", "positions", "numbers"))
+    return [Structure(id=str(sid), source=str(source), lattice=lattice[i],
                       positions=positions[offsets[i]:offsets[i + 1]],
                       numbers=numbers[offsets[i]:offsets[i + 1]])
-            for i, sid in enumerate(ids)]
+            for i, (sid, source) in enumerate(zip(ids, sources))]
+
+
+def training_set_sha256(path: str | Path) -> str:
+    """What a model records of the data it trained on: the file's sha256, or a label folder's
+    (label_store.label_set_sha256)."""
+    if Path(path).is_dir():
+        from screener.training import label_store
+
+        return label_store.label_set_sha256(path)
+    return file_sha256(path)
 
 
 @contextmanager

@@ -30,6 +30,7 @@ from screener.training.dataset import (
     read_set_graphs,
     read_structures,
     read_training_set,
+    training_set_sha256,
 )
 from screener.training.gap_set import read_gap_set
 from screener.window import p_in_window
@@ -65,7 +66,7 @@ def evaluate(model_path: str | Path, data_path: str | Path, *, split: str = "tes
         raise ValueError(f"{model_path} predicts on another energy grid than the data's "
                          f"({ENERGY_GRID[0]:.2f} ... {ENERGY_GRID[-1]:.2f} eV, 300 bins)")
     ts = read_training_set(data_path, graphs=False)
-    rows, train_rows, split_from = split_rows(ts, meta, split, file_sha256(data_path))
+    rows, train_rows, split_from = split_rows(ts, meta, split, training_set_sha256(data_path))
     if rows.size == 0:
         raise ValueError(f"split {split!r} of {data_path} holds no structures")
     every = read_structures(data_path)

@@ -26,10 +26,15 @@ from screener.cluster import connect
 from screener.errors import ScreenerError
 from screener.graphs import collate
 from screener.io import discover
-from screener.io.files import file_sha256, portable_path
+from screener.io.files import portable_path
 from screener.model import load_checkpoint, save_checkpoint, to_tensors
 from screener.training.config import RESUME_KEYS, TrainConfig, gap_settings
-from screener.training.dataset import SPLIT_METHOD, SPLIT_SEED, read_training_set
+from screener.training.dataset import (
+    SPLIT_METHOD,
+    SPLIT_SEED,
+    read_training_set,
+    training_set_sha256,
+)
 from screener.training.gap_set import bounds_excess
 from screener.training.metrics import baseline_spectrum, spectrum_mae
 from screener.training.parts import Part, batches, graphs_of, load_gap_parts, load_parts
@@ -82,7 +87,7 @@ def train(data_path: str | Path, out_dir: str | Path, *, arch: str = "d-alignn",
     out.mkdir(parents=True, exist_ok=True)
     data = Path(data_path).resolve()
     hold_out_ids = held_out_ids(hold_out)
-    cfg = TrainConfig(data=str(data), data_hash=file_sha256(data), arch=arch,
+    cfg = TrainConfig(data=str(data), data_hash=training_set_sha256(data), arch=arch,
                       latent=latent if arch == "ae-alignn" else None, config=dict(config or {}),
                       batch_size=batch_size, lr=lr, epochs=epochs, patience=patience, loss=loss,
                       amp=amp, workers=workers, seed=seed,
