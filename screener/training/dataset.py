@@ -156,6 +156,11 @@ def _check_inputs(structures, dos, ref_gap, extra) -> None:
         raise ValueError(f"duplicate structure ids: {repeated[:5]}")
 
 
+# What write_training_set records itself, beside the provenance it is given.
+_WRITTEN_ATTRS = ("kind", "schema_version", "n_structures", "created", "screener_version",
+                  ATTRS_SHA256, "split_seed", "split_method")
+
+
 def _write(f: h5py.File, structures, graphs, dos, ref_gap, provenance, extra, seed) -> None:
     """Every dataset under the shards' checksums (create_dataset)."""
     f.attrs.update(kind=KIND, schema_version=SCHEMA_VERSION, n_structures=len(structures),
@@ -205,7 +210,7 @@ def write_subset(data: str | Path, train_rows: np.ndarray, path: str | Path, not
     if not np.isin(train_rows, ts.split["train"]).all():
         raise ValueError("a subset keeps training rows only from the training split")
     keep = np.sort(np.concatenate([train_rows, ts.split["val"], ts.split["test"]]))
-    provenance = {k: v for k, v in ts.attrs.items() if k not in ("split_seed", "split_method")}
+    provenance = {k: v for k, v in ts.attrs.items() if k not in _WRITTEN_ATTRS}
     structures = read_structures(data)
     write_training_set(path, [structures[i] for i in keep], ts.dos[keep], ts.ref_gap[keep],
                        {**provenance, "subset_of": str(data), **note},
