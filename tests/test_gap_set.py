@@ -105,13 +105,13 @@ def test_training_with_the_gap_set_lowers_its_bounds_excess(data_path, records):
 def test_hold_out_and_the_training_set_are_left_out(data_path, records, shared_data):  # noqa: F811
     path, _ = records
     held = training.held_out_ids([shared_data / "poscar"])
-    settings = gap_settings(data_path, path, held, 2.0)
+    fields = gap_settings(data_path, path, held, 2.0)
     poscars = {source.id for source in discover(shared_data / "poscar")}
     assert set(held) == poscars
-    assert poscars <= set(settings.gap_exclude) and settings.gap_weight == 2.0
-    assert len(settings.gaps_hash) == 64
-    gap_set = read_gap_set(path, settings.gap_exclude)
-    assert not set(gap_set.ids) & set(settings.gap_exclude)
+    assert poscars <= set(fields["gap_exclude"]) and fields["gap_weight"] == 2.0
+    assert len(fields["gaps_hash"]) == 64
+    gap_set = read_gap_set(path, fields["gap_exclude"])
+    assert not set(gap_set.ids) & set(fields["gap_exclude"])
 
 
 def test_hold_out_leaves_the_training_set_too(data_path):  # noqa: F811

@@ -78,7 +78,7 @@ def test_reading_parts_equals_reading_the_file(real, tmp_path, cache):
     write_training_set(old, records.structures, records.dos, records.ref_gap,
                        {**real.provenance, "settings": {k: v for k, v in
                                                         real.provenance["settings"].items()
-                                                        if k != "spin"}}, old_extra)
+                                                        if k != "spin"}}, extra=old_extra)
     with open(tmp_path / "old.failures.csv", "w", newline="") as f:
         csv.writer(f).writerows([("id", "source", "stage", "reason"),
                                  ("JVASP-X", "x.json[0]", "label", "timed out")])
