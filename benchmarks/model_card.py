@@ -60,7 +60,7 @@ def render(meta: dict, test: dict, screen: dict, ablation: list[dict]) -> str:
         "## Data",
         (f"- DOS labels: {provenance['level_of_theory']}, {provenance['spin']}, "
         f"{provenance['n_structures']} structures of real JARVIS cells "
-        f"(`data/{meta['data'].rsplit('/data/', 1)[-1]}`, see `data/README.md`); split by id hash "
+        f"(`{meta['data']}`, see `data/README.md`); split by id hash "
         f"{split['train']} / {split['val']} / {split['test']} (train / val / test)."),
         (f"- Known gaps: JARVIS optB88vdW where JARVIS has one, else the label's GPAW gap; plus "
         f"the JARVIS records without a spectrum (`--gaps`). The gap head trained on "
