@@ -58,6 +58,7 @@ DEFAULT_CACHE = Path("~/.cache/dos-screener")
 EXTRA = ("gpaw_gap", "vbm", "cbm", "e_fermi", "energy", "n_electrons", "wall_time", "cpu_time",
          "kpts", "magmom", "spin", "finished")
 _EXTRA_DTYPES = {"kpts": np.int64, "spin": np.str_, "finished": np.str_}
+_STR = {name for name, dtype in _EXTRA_DTYPES.items() if dtype is np.str_}
 
 
 @dataclass
@@ -176,8 +177,6 @@ def read_part(path: str | Path) -> Part:
         records = Records(structures, f["dos"][()], f["ref_gap"][()], extra)
         return Part(path, records, read_shard_failures(f), json.loads(f.attrs["provenance"]))
 
-
-_STR = {name for name, dtype in _EXTRA_DTYPES.items() if dtype is np.str_}
 
 
 @dataclass
