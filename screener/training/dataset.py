@@ -35,8 +35,10 @@ from screener.io.records import (
     reference_gaps,
 )
 from screener.results.hdf5 import (
+    ATTRS_SHA256,
     LIBVER,
     SchemaError,
+    attrs_digest,
     create_dataset,
     damage_named,
     read_graphs,
@@ -46,7 +48,6 @@ from screener.results.hdf5 import (
 
 SCHEMA_VERSION = 1
 KIND = "training_set"
-ATTRS_SHA256 = "attrs_sha256"
 SPLITS = ("train", "val", "test")
 FRACTIONS = (0.7, 0.1, 0.2)
 # How split_by_id assigns structures; recorded with every split it makes (older sets and
@@ -170,7 +171,7 @@ def _write(f: h5py.File, structures, graphs, dos, ref_gap, provenance, extra, se
     create_dataset(f, "formula", [s.formula for s in structures], {})
     create_dataset(f, "dos", dos, {"compression": "gzip", "chunks": (min(len(dos), 256), N_BINS)})
     create_dataset(f, "ref_gap", ref_gap, {})
-    _write_structures(f.create_group("structures"), structures)
+    write_structures(f.create_group("structures"), structures)
     write_graphs(f.create_group("graphs"), graphs)
     split = f.create_group("split")
     split.attrs.update(seed=seed, fractions=FRACTIONS, method=SPLIT_METHOD)
@@ -179,10 +180,10 @@ def _write(f: h5py.File, structures, graphs, dos, ref_gap, provenance, extra, se
     group = f.create_group("extra")
     for name, values in extra.items():
         create_dataset(group, name, values, {})
-    f.attrs[ATTRS_SHA256] = np.bytes_(_attrs_digest(f.attrs))
+    f.attrs[ATTRS_SHA256] = np.bytes_(attrs_digest(f.attrs))
 
 
-def _write_structures(group: h5py.Group, structures: list[Structure]) -> None:
+def write_structures(group: h5py.Group, structures: list[Structure]) -> None:
     """Cells as ragged arrays, so graphs can be rebuilt (another k, a fixed graph builder)."""
     sizes = np.array([len(s.numbers) for s in structures], dtype=np.int64)
     create_dataset(group, "lattice",
@@ -268,7 +269,7 @@ def read_structures(path: str | Path) -> list[Structure]:
 
 
 def read_structures_group(group: h5py.Group, ids, sources) -> list[Structure]:
-    """Inverse of _write_structures."""
+    """Inverse of write_structures."""
     offsets = group["atom_offsets"][()]
     lattice, positions, numbers = (group[k][()] for k in ("lattice", "positions", "numbers"))
     return [Structure(id=str(sid), source=str(source), lattice=lattice[i],
@@ -300,17 +301,9 @@ def _open(path: str | Path) -> Iterator[h5py.File]:
         if problem:
             raise SchemaError(f"{path}: {problem}")
         recorded = f.attrs.get(ATTRS_SHA256)  # absent from sets written before it
-        if recorded is not None and recorded.decode() != _attrs_digest(f.attrs):
+        if recorded is not None and recorded.decode() != attrs_digest(f.attrs):
             raise SchemaError(f"{path}: attributes differ from their checksum: damaged")
         yield f
-
-
-def _attrs_digest(attrs: h5py.AttributeManager) -> str:
-    """sha256 of every attribute but the digest itself: the string ones lie in a heap that no
-    HDF5 checksum covers."""
-    values = {key: np.asarray(value).tolist() for key, value in attrs.items()
-              if key != ATTRS_SHA256}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def _layout_problem(f: h5py.File) -> str | None:

@@ -28,8 +28,10 @@ from screener.dos import N_BINS
 from screener.io import Failure, Structure
 from screener.io.files import file_sha256, fsync
 from screener.results.hdf5 import (
+    ATTRS_SHA256,
     LIBVER,
     SchemaError,
+    attrs_digest,
     create_dataset,
     damage_named,
     read_graphs,
@@ -38,14 +40,12 @@ from screener.results.hdf5 import (
 )
 from screener.results.shards import read_shard_failures, write_failures
 from screener.training.dataset import (
-    ATTRS_SHA256,
     SPLIT_METHOD,
     SPLIT_SEED,
     TrainingSet,
-    _attrs_digest,
-    _write_structures,
     read_structures_group,
     split_by_id,
+    write_structures,
 )
 
 KIND = "label_part"
@@ -147,14 +147,14 @@ def _write(f: h5py.File, records: Records, failures: list[Failure], provenance: 
     create_dataset(f, "dos", np.asarray(records.dos, dtype=np.float32),
                    {"compression": "gzip", "compression_opts": 9, "shuffle": True})
     create_dataset(f, "ref_gap", np.asarray(records.ref_gap, dtype=np.float32), {})
-    _write_structures(f.create_group("structures"), records.structures)
+    write_structures(f.create_group("structures"), records.structures)
     group = f.create_group("extra")
     for name in EXTRA:
         create_dataset(group, name, np.asarray(records.extra[name],
                                                dtype=_EXTRA_DTYPES.get(name, np.float64)),
                        {"compression": "gzip"} if name != "spin" else {})
     write_failures(f, failures)
-    f.attrs[ATTRS_SHA256] = np.bytes_(_attrs_digest(f.attrs))
+    f.attrs[ATTRS_SHA256] = np.bytes_(attrs_digest(f.attrs))
 
 
 def read_part(path: str | Path) -> Part:
@@ -167,7 +167,7 @@ def read_part(path: str | Path) -> Part:
     with f, damage_named(path):
         if f.attrs.get("kind") != KIND or f.attrs.get("schema_version") != SCHEMA_VERSION:
             raise SchemaError(f"{path}: not a label part of schema {SCHEMA_VERSION}")
-        if f.attrs[ATTRS_SHA256].decode() != _attrs_digest(f.attrs):
+        if f.attrs[ATTRS_SHA256].decode() != attrs_digest(f.attrs):
             raise SchemaError(f"{path}: attributes differ from their checksum: damaged")
         ids = f["ids"].asstr()[()].astype(str)
         sources = f["sources"].asstr()[()].astype(str)
